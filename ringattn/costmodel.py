@@ -1,0 +1,314 @@
+"""Cost model: bytes, FLOPs and predicted time per step for every schedule, and the choice among them.
+
+It replays each schedule's step structure on paper. Bytes are exact: tests assert they equal what
+comm.CommCounter records when the schedule runs. FLOPs are 4 * Hq * D per computed (query, key)
+pair, with pairs counted by local.computed_pairs (the same causal tiling the kernel uses).
+
+Time of a point-to-point step = max over ranks of max(compute, latency + transfer): communication is
+posted before compute and waited after, so a step costs whichever is longer. Collectives (size and
+position all-gathers, Ulysses all-to-alls, decode allreduces) are not overlapped and add up.
+Transfer time depends on the topology:
+- "switch": each rank has one full-duplex port (NVSwitch, a PCIe switch, loopback TCP); what a rank
+  sends in a step shares its outgoing bandwidth, what it receives shares the incoming one.
+- "mesh": every pair of ranks has its own full-duplex link (the TokenRing paper's assumption); only
+  the bytes between one pair share a link.
+Under "switch", TokenRing's query hop and result return share one port and cost about what ring's KV
+hop costs for MHA; under "mesh" they use two links and take about half. Under GQA ring moves
+Hkv-headed K+V against TokenRing's Hq-headed Q+out, so ring moves fewer bytes; for decode a query is
+one token while KV is the whole cache, so pass-Q moves orders of magnitude less.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ringattn.comm import ring_allreduce_bytes
+from ringattn.layout import layout_indices
+from ringattn.local import computed_pairs
+
+INT64 = 8
+FP32 = 4
+SCHEDULES = ("tokenring", "ring", "ulysses", "decode_allreduce")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What one attention call looks like, apart from token counts."""
+
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype_bytes: int = 4
+    causal: bool = True
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Per-rank compute rate and interconnect. Rates are achieved, not peak."""
+
+    name: str
+    flops_per_s: float
+    link_bytes_per_s: float  # per direction, per port ("switch") or per pair link ("mesh")
+    latency_s: float
+    topology: str = "switch"
+
+
+@dataclass
+class RankStep:
+    """One rank's share of one step: bytes per peer each way, and (query, key) pairs computed."""
+
+    sends: dict[int, int] = field(default_factory=dict)
+    recvs: dict[int, int] = field(default_factory=dict)
+    pairs: int = 0
+    heads_q: int = 0  # heads those pairs are computed for
+
+    def add(self, peer: int, sent: int, received: int) -> None:
+        if sent:
+            self.sends[peer] = self.sends.get(peer, 0) + sent
+        if received:
+            self.recvs[peer] = self.recvs.get(peer, 0) + received
+
+
+@dataclass
+class Step:
+    """One step of a schedule on every rank. collective: None for overlapped point-to-point steps,
+    else the collective's name ("all_gather", "all_to_all", "all_reduce", "compute")."""
+
+    label: str
+    ranks: list[RankStep]
+    collective: str | None = None
+
+
+def _q_unit(shape: AttentionShape) -> int:
+    """Bytes per query token on a hop: Q in the input dtype, plus its position under a causal mask."""
+    return shape.heads_q * shape.head_dim * shape.dtype_bytes + (INT64 if shape.causal else 0)
+
+
+def _result_unit(shape: AttentionShape) -> int:
+    """Bytes per query token of a returned partial: out in the input dtype, lse in fp32."""
+    return shape.heads_q * shape.head_dim * shape.dtype_bytes + shape.heads_q * FP32
+
+
+def _kv_unit(shape: AttentionShape) -> int:
+    """Bytes per KV token on a hop: K and V in the input dtype, plus its position under a causal mask."""
+    return 2 * shape.heads_kv * shape.head_dim * shape.dtype_bytes + (INT64 if shape.causal else 0)
+
+
+def _gather_step(label: str, n: int, nbytes: int) -> Step:
+    return Step(label, [RankStep({-1: (n - 1) * nbytes}, {-1: (n - 1) * nbytes}) for _ in range(n)], "all_gather")
+
+
+def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, shape: AttentionShape, heads_q: int | None = None) -> int:
+    return computed_pairs(q_pos, k_pos, shape.causal, heads_q or shape.heads_q)
+
+
+def tokenring_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> list[Step]:
+    n = len(q_pos)
+    q_lens = [len(p) for p in q_pos]
+    steps = [_gather_step("setup", n, INT64)]
+    for phase in range(n + 1):
+        ranks = []
+        for r in range(n):
+            rank = RankStep(heads_q=shape.heads_q)
+            if phase <= n - 2:
+                rank.add((r - 1) % n, q_lens[(r + phase) % n] * _q_unit(shape), 0)
+                rank.add((r + 1) % n, 0, q_lens[(r + phase + 1) % n] * _q_unit(shape))
+            if 2 <= phase <= n:
+                rank.add((r + phase - 1) % n, q_lens[(r + phase - 1) % n] * _result_unit(shape), 0)
+                rank.add((r - phase + 1) % n, 0, q_lens[r] * _result_unit(shape))
+            half = q_lens[r] // 2
+            if phase == 0:
+                rank.pairs = _pairs(q_pos[r][:half], k_pos[r], shape)
+            elif phase == n:
+                rank.pairs = _pairs(q_pos[r][half:], k_pos[r], shape)
+            else:
+                rank.pairs = _pairs(q_pos[(r + phase) % n], k_pos[r], shape)
+            ranks.append(rank)
+        steps.append(Step(f"step {phase}", ranks))
+    return steps
+
+
+def ring_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> list[Step]:
+    n = len(q_pos)
+    kv_lens = [len(p) for p in k_pos]
+    steps = [_gather_step("setup", n, INT64)]
+    for step in range(n):
+        ranks = []
+        for r in range(n):
+            rank = RankStep(heads_q=shape.heads_q, pairs=_pairs(q_pos[r], k_pos[(r - step) % n], shape))
+            if step <= n - 2:
+                rank.add((r + 1) % n, kv_lens[(r - step) % n] * _kv_unit(shape), 0)
+                rank.add((r - 1) % n, 0, kv_lens[(r - step - 1) % n] * _kv_unit(shape))
+            ranks.append(rank)
+        steps.append(Step(f"step {step}", ranks))
+    return steps
+
+
+def ulysses_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> list[Step]:
+    n = len(q_pos)
+    q_pad, k_pad = max(len(p) for p in q_pos), max(len(p) for p in k_pos)
+    steps = [_gather_step("setup", n, 2 * INT64)]
+    if shape.causal:
+        steps.append(_gather_step("positions", n, (q_pad + k_pad) * INT64))
+    b, d = shape.dtype_bytes, shape.head_dim
+    per_tensor = {"q": q_pad * shape.heads_q * d * b, "k": k_pad * shape.heads_kv * d * b}
+    per_tensor["v"] = per_tensor["k"]
+    for label in ("q", "k", "v"):
+        sent = (n - 1) * per_tensor[label] // n
+        steps.append(Step(label, [RankStep({-1: sent}, {-1: sent}) for _ in range(n)], "all_to_all"))
+    heads = shape.heads_q // n
+    pairs = _pairs(torch.cat(q_pos), torch.cat(k_pos), shape, heads)
+    steps.append(Step("attention", [RankStep(pairs=pairs, heads_q=heads) for _ in range(n)], "compute"))
+    sent = (n - 1) * q_pad * shape.heads_q * (d + 1) * FP32 // n
+    steps.append(Step("out", [RankStep({-1: sent}, {-1: sent}) for _ in range(n)], "all_to_all"))
+    return steps
+
+
+def decode_allreduce_steps(
+    shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]
+) -> list[Step]:
+    n = len(q_pos)
+    q_all = sum(len(p) for p in q_pos)
+    pad = max(len(p) for p in q_pos)
+    steps = [_gather_step("setup", n, INT64)]
+    steps.append(_gather_step("gather q", n, pad * (shape.heads_q * shape.head_dim * shape.dtype_bytes + INT64)))
+    all_q = torch.cat(q_pos)
+    steps.append(Step("attention", [RankStep(pairs=_pairs(all_q, k, shape), heads_q=shape.heads_q) for k in k_pos], "compute"))
+    for label, nbytes in (("max lse", q_all * shape.heads_q * FP32), ("sum partials", q_all * shape.heads_q * (shape.head_dim + 1) * FP32)):
+        sent = ring_allreduce_bytes(nbytes, n)
+        steps.append(Step(label, [RankStep({-1: sent}, {-1: sent}) for _ in range(n)], "all_reduce"))
+    return steps
+
+
+_STEP_BUILDERS = {
+    "tokenring": tokenring_steps,
+    "ring": ring_steps,
+    "ulysses": ulysses_steps,
+    "decode_allreduce": decode_allreduce_steps,
+}
+
+
+def schedule_steps(
+    schedule: str, shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]
+) -> list[Step]:
+    """The steps `schedule` runs when rank r holds queries at q_pos[r] and KV at k_pos[r]."""
+    return _STEP_BUILDERS[schedule](shape, q_pos, k_pos)
+
+
+def predicted_bytes(steps: list[Step]) -> list[dict[str, tuple[int, int]]]:
+    """Per rank: step label -> (bytes sent, bytes received), steps without traffic left out.
+    Same form as CommCounter.bytes_by_step() with its zero entries dropped."""
+    per_rank = []
+    for r in range(len(steps[0].ranks)):
+        table = {}
+        for step in steps:
+            sent, received = sum(step.ranks[r].sends.values()), sum(step.ranks[r].recvs.values())
+            if sent or received:
+                table[step.label] = (sent, received)
+        per_rank.append(table)
+    return per_rank
+
+
+@dataclass
+class Prediction:
+    """Predicted seconds for one forward: total, compute alone, communication alone, and exposed
+    communication (what compute did not hide)."""
+
+    schedule: str
+    total_s: float
+    compute_s: float
+    comm_s: float
+    exposed_s: float
+    bytes_per_rank: int  # max over ranks of bytes sent
+    flops_per_rank: float  # max over ranks
+
+    @property
+    def hidden_fraction(self) -> float:
+        return 1.0 - self.exposed_s / self.comm_s if self.comm_s > 0 else 1.0
+
+
+def _transfer_s(rank: RankStep, hw: Hardware) -> float:
+    if hw.topology == "mesh":
+        peers = set(rank.sends) | set(rank.recvs)
+        largest = max((max(rank.sends.get(p, 0), rank.recvs.get(p, 0)) for p in peers), default=0)
+    else:
+        largest = max(sum(rank.sends.values()), sum(rank.recvs.values()))
+    return largest / hw.link_bytes_per_s
+
+
+_COLLECTIVE_ROUNDS = {"all_gather": lambda n: n - 1, "all_reduce": lambda n: 2 * (n - 1), "all_to_all": lambda n: 1}
+
+
+def _step_times(step: Step, shape: AttentionShape, hw: Hardware) -> tuple[float, float]:
+    """(compute seconds, communication seconds) of one step, slowest rank each."""
+    n = len(step.ranks)
+    compute = max(4.0 * r.heads_q * shape.head_dim * r.pairs / hw.flops_per_s for r in step.ranks)
+    has_traffic = any(r.sends or r.recvs for r in step.ranks)
+    if not has_traffic or n == 1:
+        return compute, 0.0
+    if step.collective in (None, "compute"):
+        return compute, hw.latency_s + max(_transfer_s(r, hw) for r in step.ranks)
+    rounds = _COLLECTIVE_ROUNDS[step.collective](n)
+    per_rank = max(sum(r.sends.values()) for r in step.ranks)
+    if step.collective == "all_to_all" and hw.topology == "mesh":
+        per_rank /= n - 1  # every pair has its own link
+    return compute, rounds * hw.latency_s + per_rank / hw.link_bytes_per_s
+
+
+def predict(schedule: str, steps: list[Step], shape: AttentionShape, hw: Hardware) -> Prediction:
+    """Predicted time of one forward of `steps` on `hw`."""
+    total = compute = comm = exposed = 0.0
+    for step in steps:
+        step_compute, step_comm = _step_times(step, shape, hw)
+        overlapped = step.collective is None
+        step_total = max(step_compute, step_comm) if overlapped else step_compute + step_comm
+        total += step_total
+        compute += step_compute
+        comm += step_comm
+        exposed += step_total - step_compute
+    n = len(steps[0].ranks)
+    sent = max(sum(sum(s.ranks[r].sends.values()) for s in steps) for r in range(n))
+    flops = max(sum(4.0 * s.ranks[r].heads_q * shape.head_dim * s.ranks[r].pairs for s in steps) for r in range(n))
+    return Prediction(schedule, total, compute, comm, exposed, sent, flops)
+
+
+def predict_single_device(shape: AttentionShape, q_pos: torch.Tensor, k_pos: torch.Tensor, hw: Hardware) -> float:
+    """Seconds for one device to compute the whole attention."""
+    return 4.0 * shape.heads_q * shape.head_dim * _pairs(q_pos, k_pos, shape) / hw.flops_per_s
+
+
+def prefill_positions(length: int, world_size: int, layout: str = "zigzag") -> list[torch.Tensor]:
+    """Per-rank positions of a self-attention prefill of `length` tokens."""
+    return layout_indices(length, world_size, layout)
+
+
+def decode_positions(
+    kv_length: int, world_size: int, owner: int = 0, layout: str = "contiguous"
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(query positions, KV positions) per rank for one new token at position kv_length on `owner`."""
+    q_pos = [torch.tensor([kv_length]) if r == owner else torch.empty(0, dtype=torch.int64) for r in range(world_size)]
+    return q_pos, layout_indices(kv_length, world_size, layout)
+
+
+def applicable(schedule: str, shape: AttentionShape, world_size: int) -> bool:
+    return schedule != "ulysses" or shape.heads_kv % world_size == 0
+
+
+def choose_schedule(
+    shape: AttentionShape,
+    q_pos: list[torch.Tensor],
+    k_pos: list[torch.Tensor],
+    hw: Hardware,
+    candidates: tuple[str, ...] = ("tokenring", "ring", "ulysses"),
+) -> tuple[str, dict[str, Prediction]]:
+    """The schedule with the least predicted time, and every candidate's prediction."""
+    n = len(q_pos)
+    predictions = {
+        name: predict(name, schedule_steps(name, shape, q_pos, k_pos), shape, hw)
+        for name in candidates
+        if applicable(name, shape, n)
+    }
+    best = min(predictions.values(), key=lambda p: (p.total_s, p.bytes_per_rank))
+    return best.schedule, predictions

@@ -1,0 +1,87 @@
+"""Configuration: one dataclass per component, composed into `LongbowConfig`.
+
+This is the only module that reads environment variables (LONGBOW_*). A TOML file can supply the same
+keys (`[engine] token_budget = 512`); precedence: explicit arguments > environment > file > defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+
+
+def longbow_home() -> Path:
+    """Cache directory for converted weights and other derived files."""
+    return Path(os.environ.get("LONGBOW_HOME", Path.home() / ".cache" / "longbow")).expanduser()
+
+
+@dataclass
+class ModelSource:
+    """Which weights to serve: the bundled model's name or a local Hugging Face checkpoint directory."""
+
+    name_or_path: str = BUNDLED_MODEL
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available
+
+
+@dataclass
+class EngineConfig:
+    """One model replica. token_budget is SplitFuse's fixed tokens per forward pass."""
+
+    token_budget: int = 512
+    block_size: int = 16
+    num_blocks: int = 2048  # KV capacity = num_blocks * block_size tokens
+    max_seqs: int = 64  # sequences per step
+    max_queue: int = 1024  # waiting requests before CapacityError
+    policy: str = "splitfuse"  # or "prefill_first"
+    max_model_len: int | None = None  # None: the model's own context length
+
+
+@dataclass
+class LongbowConfig:
+    model: ModelSource = field(default_factory=ModelSource)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+_ENV_KEYS = {
+    "LONGBOW_MODEL": ("model", "name_or_path", str),
+    "LONGBOW_DTYPE": ("model", "dtype", str),
+    "LONGBOW_DEVICE": ("model", "device", str),
+    "LONGBOW_TOKEN_BUDGET": ("engine", "token_budget", int),
+    "LONGBOW_BLOCK_SIZE": ("engine", "block_size", int),
+    "LONGBOW_NUM_BLOCKS": ("engine", "num_blocks", int),
+    "LONGBOW_MAX_SEQS": ("engine", "max_seqs", int),
+    "LONGBOW_POLICY": ("engine", "policy", str),
+}
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> LongbowConfig:
+    """Build the config from defaults, an optional TOML file, the environment, then `overrides`
+    given as `section__key=value` (e.g. engine__token_budget=256)."""
+    config = LongbowConfig()
+    path = path or os.environ.get("LONGBOW_CONFIG")
+    if path:
+        with open(path, "rb") as f:
+            for section, values in tomllib.load(f).items():
+                for key, value in values.items():
+                    _set(config, section, key, value)
+    for env, (section, key, cast) in _ENV_KEYS.items():
+        if env in os.environ:
+            _set(config, section, key, cast(os.environ[env]))
+    for name, value in overrides.items():
+        section, key = name.split("__", 1)
+        _set(config, section, key, value)
+    return config
+
+
+def _set(config: LongbowConfig, section: str, key: str, value: Any) -> None:
+    part = getattr(config, section, None)
+    if part is None or key not in {f.name for f in dataclasses.fields(part)}:
+        raise ValueError(f"unknown config key {section}.{key}")
+    setattr(part, key, value)

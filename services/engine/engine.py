@@ -1,0 +1,279 @@
+"""The engine: one model replica behind a request queue.
+
+`LLMEngine` is synchronous and single-threaded (tests, benchmarks, scripts): add requests, call `step()`
+until done. `AsyncLLMEngine` runs that loop on one background thread and gives asyncio callers
+streams of TokenEvents (the gateway). The engine knows token ids, never text (see text.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.config import LongbowConfig, load_config
+from services.engine.errors import (
+    CapacityError,
+    EngineError,
+    EngineStoppedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+from services.engine.scheduler import blocks_for, make_scheduler
+from services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
+from services.engine.weights import LoadedModel, load_model
+from services.engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """Everything one finished request produced."""
+
+    id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    attention: list[list[float]] = field(default_factory=list)
+    prompt_logprobs: list[float] | None = None
+    finish_reason: FinishReason | None = None
+
+    def add(self, event: TokenEvent) -> None:
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+            self.logprobs.append(event.logprob)
+            self.entropies.append(event.entropy)
+        if event.attention is not None:
+            self.attention.append(event.attention)
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.finished:
+            self.finish_reason = event.reason
+
+
+class LLMEngine:
+    def __init__(self, config: LongbowConfig | None = None, loaded: LoadedModel | None = None):
+        self.config = config or load_config()
+        self.loaded = loaded or load_model(self.config.model)
+        cfg, args = self.config.engine, self.loaded.args
+        self.max_model_len = min(cfg.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+        self.worker = Worker(self.loaded, cfg.num_blocks, cfg.block_size)
+        self.scheduler = make_scheduler(
+            cfg.policy, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
+            token_budget=cfg.token_budget, max_seqs=cfg.max_seqs, eos_ids=args.eos_token_ids,
+        )
+        self._ids = itertools.count()
+        self.steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self._validate(request)
+        self.worker.add_request(request.id, request.params)
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> TokenEvent:
+        event = self.scheduler.abort(request_id)  # raises UnknownRequestError
+        self.worker.release(request_id)
+        return event
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        result = self.worker.execute(plan)
+        events = self.scheduler.update(plan, result)
+        for event in events:
+            if event.finished:
+                self.worker.release(event.id)
+        self.steps += 1
+        return events
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run prompts to completion together (they share batches); results in prompt order."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        completions = {}
+        for prompt, p in zip(prompts, all_params):
+            rid = self.new_request_id()
+            self.add_request(Request(rid, prompt, p))
+            completions[rid] = Completion(rid)
+        while self.has_unfinished():
+            for event in self.step():
+                completions[event.id].add(event)
+        return list(completions.values())
+
+    def score(self, token_ids: list[int]) -> list[float]:
+        """logprob of token i given tokens < i, for i >= 1 (len(token_ids) - 1 values)."""
+        [completion] = self.generate([token_ids], SamplingParams(max_tokens=0, prompt_logprobs=True))
+        return completion.prompt_logprobs or []
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "waiting": len(s.waiting), "running": len(s.running), "steps": self.steps,
+            "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.pool.num_blocks,
+            "preemptions": s.num_preemptions,
+        }
+
+    def _validate(self, request: Request) -> None:
+        ids, params, cfg = request.token_ids, request.params, self.config.engine
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.loaded.args.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        params.validate(vocab)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens")
+        if blocks_for(total, cfg.block_size) > cfg.num_blocks:
+            raise PromptTooLongError(
+                f"prompt + max_tokens ({total} tokens) exceeds the KV capacity of "
+                f"{cfg.num_blocks * cfg.block_size} tokens")
+        if request.id in self.scheduler.sequences:
+            raise InvalidRequestError(f"request id {request.id!r} is already in use")
+        if len(self.scheduler.waiting) >= cfg.max_queue:
+            raise CapacityError(f"engine queue is full ({cfg.max_queue} waiting requests)")
+
+
+class AsyncLLMEngine:
+    """Runs an LLMEngine on one background thread; asyncio callers stream TokenEvents.
+
+    All scheduler state is touched only by the engine thread: callers submit commands through a
+    queue and get events back on their own event loop.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="longbow-engine", daemon=True)
+        self._thread.start()
+
+    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """Yields the request's events; leaving early (cancel, disconnect) aborts it and frees its KV."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        added = self._submit(("add", request, loop, events))
+        await asyncio.wrap_future(added)  # raises the engine's validation error, if any
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if event.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._submit(("abort", request.id))
+
+    async def generate(self, request: Request) -> Completion:
+        completion = Completion(request.id)
+        async for event in self.stream(request):
+            completion.add(event)
+        return completion
+
+    async def call(self, fn, *args):
+        """Run fn(engine, *args) on the engine thread (stats, admin) and return its result."""
+        return await asyncio.wrap_future(self._submit(("call", fn, args)))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _submit(self, command: tuple) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopped.is_set():
+            future.set_exception(EngineStoppedError("engine is shut down"))
+            return future
+        self._commands.put((*command, future))
+        return future
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step_and_dispatch()
+        self._fail_all(EngineStoppedError("engine is shut down"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=None) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: tuple) -> None:
+        kind, *args, future = command
+        try:
+            if kind == "add":
+                request, loop, events = args
+                self.engine.add_request(request)
+                self._streams[request.id] = (loop, events)
+                future.set_result(None)
+            elif kind == "abort":
+                request_id = args[0]
+                if request_id in self.engine.scheduler.sequences:
+                    self._deliver(self.engine.abort(request_id))
+                future.set_result(None)
+            elif kind == "call":
+                fn, fn_args = args
+                future.set_result(fn(self.engine, *fn_args))
+            else:
+                future.set_result(None)
+        except Exception as exc:  # the caller gets its own error; the engine goes on
+            future.set_exception(exc)
+
+    def _step_and_dispatch(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception:
+            # NOTE: a failed forward pass fails the requests in flight, never the engine thread:
+            # the next request must still be served.
+            log.exception("engine step failed; failing in-flight requests")
+            self._fail_all(EngineError("engine step failed"))
+            return
+        for event in events:
+            self._deliver(event)
+
+    def _deliver(self, event: TokenEvent) -> None:
+        target = self._streams.get(event.id)
+        if target is None:
+            return
+        loop, events = target
+        if event.finished:
+            del self._streams[event.id]
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.scheduler.sequences):
+            self.engine.abort(request_id)
+        for loop, events in self._streams.values():
+            loop.call_soon_threadsafe(events.put_nowait, error)
+        self._streams.clear()

@@ -1,0 +1,103 @@
+"""The paged KV cache of one worker, and the local attention backend that reads it.
+
+Storage is flat slots (slot = block_id * block_size + offset) per layer. Every slot also stores the
+position id of the token whose K/V it holds: causal visibility is `key_pos <= query_pos` within a
+request, never storage order, so a request's KV can sit in any blocks in any order, and an edit (PIE)
+can re-position keys in place. Block ids come from the scheduler; this module only obeys them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.model import AttentionBackend, ModelArgs
+
+
+class PagedKVCache:
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, device, dtype):
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        shape = (args.n_layers, slots, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
+        self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)  # [S]
+
+    def slots_of(self, block_table: list[int], kv_len: int) -> torch.Tensor:
+        """Flat slot ids [kv_len] of a request's first kv_len cached tokens, in table order."""
+        blocks = torch.tensor(block_table, dtype=torch.int64, device=self.positions.device)
+        offsets = torch.arange(self.block_size, device=blocks.device)
+        return (blocks.unsqueeze(1) * self.block_size + offsets).flatten()[:kv_len]
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+
+
+@dataclass
+class Segment:
+    """One request's rows in the step batch and the slots of all its KV (new tokens included)."""
+
+    request_id: str
+    rows: slice  # rows of the step's flattened token batch
+    kv_slots: torch.Tensor  # [Tk]
+    want_attention: bool = False
+
+
+@dataclass
+class LocalStepMeta:
+    slots: torch.Tensor  # [T] where each new token's K/V goes
+    positions: torch.Tensor  # [T]
+    segments: list[Segment]
+    attention_rows: dict[str, torch.Tensor]  # filled at the last layer: request id -> [Tk] probs
+
+
+class LocalPagedAttention(AttentionBackend):
+    """All KV on this device. Writes new K/V into their slots, then attends per request."""
+
+    def __init__(self, cache: PagedKVCache, n_layers: int):
+        self.cache, self.last_layer = cache, n_layers - 1
+
+    def prepare(self, meta: LocalStepMeta) -> None:
+        self.cache.positions[meta.slots] = meta.positions
+
+    def attend(self, layer, q, k, v, meta: LocalStepMeta) -> torch.Tensor:
+        cache = self.cache
+        cache.k[layer, meta.slots] = k
+        cache.v[layer, meta.slots] = v
+        out = torch.empty_like(q)  # [T, Hq, D]
+        for seg in meta.segments:
+            keys, values = cache.k[layer, seg.kv_slots], cache.v[layer, seg.kv_slots]  # [Tk, Hkv, D]
+            q_pos, k_pos = meta.positions[seg.rows], cache.positions[seg.kv_slots]
+            visible = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [Tq, Tk]
+            # NOTE: torch's SDPA with enable_gqa keeps KV heads unexpanded and is ~3x faster on CPU
+            # than our einsum block_attention; lse is not needed when all KV is local.
+            out[seg.rows] = F.scaled_dot_product_attention(
+                q[seg.rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                attn_mask=visible, enable_gqa=True,
+            ).transpose(0, 1)
+            if seg.want_attention and layer == self.last_layer:
+                meta.attention_rows[seg.request_id] = _last_row_attention(q[seg.rows][-1], keys, visible[-1])
+        return out
+
+
+def _last_row_attention(q_row: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities [Tk] of one query row [Hq, D] over keys [Tk, Hkv, D]."""
+    h_q, d = q_row.shape
+    group = h_q // keys.shape[1]
+    k_full = keys.float().repeat_interleave(group, dim=1)  # [Tk, Hq, D]
+    scores = torch.einsum("hd,khd->hk", q_row.float(), k_full) / d**0.5  # [Hq, Tk]
+    scores = scores.masked_fill(~visible.unsqueeze(0), float("-inf"))
+    return scores.softmax(-1).mean(0)
+
+
+class NoCacheAttention(AttentionBackend):
+    """Causal attention of one sequence over itself, nothing cached (meta: positions [T]).
+    For full-sequence forwards: reference checks and one-shot scoring."""
+
+    def attend(self, layer, q, k, v, meta: torch.Tensor) -> torch.Tensor:
+        from ringattn.local import block_attention
+
+        out, _ = block_attention(q, k, v, meta, meta, causal=True)
+        return out.to(q.dtype)

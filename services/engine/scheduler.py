@@ -1,0 +1,294 @@
+"""Dynamic SplitFuse (DeepSpeed-FastGen) and a prefill-first baseline. No torch here.
+
+The scheduler sees request ids, token ids, token counts and block ids; it decides what each forward pass
+computes and where its KV goes, and turns the worker's StepResult into TokenEvents. SplitFuse fills a
+fixed token budget every step: decodes first, then prompt chunks in arrival order (a long prompt is
+split to fill the budget exactly; its remainder runs first next step). A prompt is admitted only when
+KV for all of it fits; when a decode needs a block and none is free, the newest request holding KV is
+preempted (blocks freed, recomputed later from prompt + generated tokens).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.errors import UnknownRequestError
+from services.engine.types import (
+    FinishReason,
+    Request,
+    SamplingParams,
+    ScheduledChunk,
+    StepPlan,
+    StepResult,
+    TokenEvent,
+)
+
+
+class BlockPool:
+    """Free list of KV block ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        assert n <= len(self._free), "caller must check num_free"
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is cached
+    blocks: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    prompt_logprobs: list[float] = field(default_factory=list)
+    sent_prompt_logprobs: bool = False
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return bool(self.output_ids) and self.num_pending == 1
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    """Shared bookkeeping; subclasses decide what a step computes (`schedule`)."""
+
+    def __init__(self, num_blocks: int, block_size: int, token_budget: int, max_seqs: int, eos_ids=()):
+        self.pool = BlockPool(num_blocks)
+        self.block_size, self.token_budget, self.max_seqs = block_size, token_budget, max_seqs
+        self.eos_ids = set(eos_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in arrival order
+        self.sequences: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+        self._arrivals = 0
+
+    # ---- requests in and out -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        seq = Sequence(request.id, list(request.token_ids), request.params, self._arrivals)
+        self._arrivals += 1
+        self.sequences[request.id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> TokenEvent:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            raise UnknownRequestError(f"unknown request id {request_id!r}")
+        self._finish(seq)
+        return TokenEvent(request_id, None, finished=True, reason=FinishReason.ABORT)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
+    def schedule(self) -> StepPlan:
+        raise NotImplementedError
+
+    # ---- after the forward pass ----------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> list[TokenEvent]:
+        events = []
+        for chunk in plan.chunks:
+            seq = self.sequences[chunk.request_id]
+            start = seq.num_computed
+            seq.num_computed += len(chunk.token_ids)
+            self._record_prompt_logprobs(seq, start, result.prompt_logprobs.get(chunk.request_id, []))
+            event = self._advance(seq, chunk, result)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _advance(self, seq: Sequence, chunk: ScheduledChunk, result: StepResult) -> TokenEvent | None:
+        if seq.num_pending > 0:  # prompt not finished yet
+            return None
+        if seq.params.max_tokens == 0:  # scoring: done once the prompt is computed
+            return self._event(seq, None, None, FinishReason.LENGTH)
+        sampled = result.sampled[chunk.request_id]
+        seq.output_ids.append(sampled.token_id)
+        return self._event(seq, sampled, sampled.token_id, self._finish_reason(seq, sampled.token_id))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params, n = seq.params, len(seq.output_ids)
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        if token in stops and n >= params.min_tokens:
+            return FinishReason.STOP
+        if n >= params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _event(self, seq, sampled, token, reason) -> TokenEvent:
+        prompt_lp = None
+        if seq.params.prompt_logprobs and not seq.sent_prompt_logprobs:
+            prompt_lp, seq.sent_prompt_logprobs = list(seq.prompt_logprobs), True
+        if reason is not None:
+            self._finish(seq)
+        return TokenEvent(
+            seq.request_id, token,
+            logprob=sampled.logprob if sampled else None,
+            entropy=sampled.entropy if sampled else None,
+            attention=sampled.attention if sampled else None,
+            prompt_logprobs=prompt_lp, finished=reason is not None, reason=reason,
+        )
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, values: list[float]) -> None:
+        # values[i] is the logprob of token start+i+1. Keep prompt tokens only, once each (a preempted
+        # request recomputes its prefix and would report it again).
+        for i, value in enumerate(values):
+            target = start + i + 1
+            if target == len(seq.prompt_logprobs) + 1 and target < len(seq.prompt_ids):
+                seq.prompt_logprobs.append(value)
+
+    # ---- KV and queue bookkeeping --------------------------------------------------------------
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == Status.RUNNING:
+            self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.status = [], Status.FINISHED
+        del self.sequences[seq.request_id]
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Move the head of the queue to running if KV for its whole remaining prompt fits."""
+        needed = blocks_for(len(seq.all_ids), self.block_size)
+        if needed > self.pool.num_free or len(self.running) >= self.max_seqs:
+            return False
+        self.waiting.popleft()
+        seq.blocks = self.pool.allocate(needed)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return True
+
+    def _ensure_decode_slot(self, seq: Sequence, plan_ids: set[str], preempted: list[str]) -> bool:
+        """Make room for seq's next token, preempting the newest KV holders if needed."""
+        while len(seq.blocks) * self.block_size < seq.num_computed + 1:
+            if self.pool.num_free > 0:
+                seq.blocks += self.pool.allocate(1)
+                continue
+            victim = next(s for s in reversed(self.running) if s.request_id not in plan_ids)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
+        # Victims are newer than other running requests but older than anything waiting: they go
+        # to the front of the queue, newest preempted first, so arrival order is kept.
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        start, ids = seq.num_computed, seq.all_ids
+        end = start + n
+        slots = [seq.blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
+        return ScheduledChunk(
+            request_id=seq.request_id,
+            token_ids=ids[start:end],
+            positions=list(range(start, end)),
+            slots=slots,
+            block_table=list(seq.blocks),
+            kv_len=end,
+            sample=end == len(ids) and seq.params.max_tokens > 0,
+            num_generated=len(seq.output_ids),
+            next_token_id=ids[end] if end < len(ids) else None,
+        )
+
+
+class SplitFuseScheduler(Scheduler):
+    """Fixed token budget per step: decodes, then prompt remainders, then new prompts, split to fit."""
+
+    def schedule(self) -> StepPlan:
+        budget, chunks, preempted = self.token_budget, [], []
+        planned: set[str] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != Status.RUNNING or not seq.is_decoding:
+                continue
+            if self._ensure_decode_slot(seq, planned, preempted):
+                chunks.append(self._chunk(seq, 1))
+                planned.add(seq.request_id)
+                budget -= 1
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status == Status.RUNNING and seq.request_id not in planned and seq.num_pending > 0:
+                n = min(seq.num_pending, budget)
+                chunks.append(self._chunk(seq, n))
+                planned.add(seq.request_id)
+                budget -= n
+        while budget > 0 and self.waiting and self._admit(self.waiting[0]):
+            seq = self.running[-1]
+            n = min(seq.num_pending, budget)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        return StepPlan(chunks, preempted)
+
+
+class PrefillFirstScheduler(Scheduler):
+    """Continuous batching without chunking (vLLM before chunked prefill): whole prompts first,
+    decodes only in steps with no prompt. A prompt longer than the budget runs alone."""
+
+    def schedule(self) -> StepPlan:
+        chunks, tokens = [], 0
+        while self.waiting:
+            seq = self.waiting[0]
+            if chunks and tokens + seq.num_pending > self.token_budget:
+                break
+            if not self._admit(seq):
+                break
+            chunks.append(self._chunk(seq, seq.num_pending))
+            tokens += seq.num_pending
+        if chunks:
+            return StepPlan(chunks)
+        preempted: list[str] = []
+        planned: set[str] = set()
+        for seq in list(self.running):
+            if seq.status == Status.RUNNING and self._ensure_decode_slot(seq, planned, preempted):
+                chunks.append(self._chunk(seq, 1))
+                planned.add(seq.request_id)
+        return StepPlan(chunks, preempted)
+
+
+def make_scheduler(policy: str, **kwargs) -> Scheduler:
+    policies = {"splitfuse": SplitFuseScheduler, "prefill_first": PrefillFirstScheduler}
+    if policy not in policies:
+        raise ValueError(f"unknown scheduling policy {policy!r}; choose from {sorted(policies)}")
+    return policies[policy](**kwargs)

@@ -1,0 +1,119 @@
+"""Typed messages that cross the engine's boundaries. No torch here.
+
+gateway -> engine: `Request`; engine -> gateway: `TokenEvent`s. scheduler -> worker: `StepPlan`;
+worker -> scheduler: `StepResult`. The engine speaks token ids, never text.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from services.engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature == 0 means greedy."""
+
+    max_tokens: int = 64
+    min_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False  # per generated token logprob + entropy (always computed; kept for the API)
+    prompt_logprobs: bool = False  # logprob of every prompt token given its prefix (score())
+    return_attention: bool = False  # last-layer attention row of each generated token (DRAGIN)
+
+    def validate(self, vocab_size: int) -> None:
+        checks = [
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+            (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids out of vocabulary range"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+
+@dataclass
+class Request:
+    """One generation request as the engine sees it."""
+
+    id: str
+    token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # eos or a stop token
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the worker failed
+
+
+@dataclass
+class TokenEvent:
+    """One step of one request's output stream. `token_id` is None on events that carry no token
+    (an abort, or the end of a max_tokens=0 scoring request)."""
+
+    id: str
+    token_id: int | None
+    logprob: float | None = None
+    entropy: float | None = None
+    attention: list[float] | None = None  # last-layer attention over the request's positions 0..n-1
+    prompt_logprobs: list[float] | None = None  # only on the first event when asked for
+    finished: bool = False
+    reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens of one request computed in one forward pass.
+
+    `slots` are flat KV slots (block_id * block_size + offset) where the new tokens' K/V go;
+    `block_table` lists every block holding this request's KV after the step, `kv_len` tokens in all.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_table: list[int]
+    kv_len: int
+    sample: bool  # the chunk ends at the last known token: sample the next one
+    num_generated: int  # output tokens so far (the sampler enforces min_tokens with it)
+    shard: int = 0  # which shard stores the new KV (one shard until the Ray group lands)
+    next_token_id: int | None = None  # the known token after the chunk, for prompt logprobs
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: list[ScheduledChunk]
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float
+    entropy: float
+    attention: list[float] | None = None
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    # request id -> logprobs of the chunk's tokens given their prefixes (first prompt token excluded)
+    prompt_logprobs: dict[str, list[float]] = field(default_factory=dict)
