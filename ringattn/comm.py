@@ -262,7 +262,12 @@ def run_emulated(
     ]
     with ThreadPoolExecutor(max_workers=len(shards)) as pool:
         futures = [pool.submit(_run_rank, rank_fn, t, shard) for t, shard in zip(transports, shards)]
-        return [future.result() for future in futures]
+        failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:
+        # the rank that failed first is the interesting one; the rest only saw the abort it caused
+        causes = [e for e in failures if not isinstance(e, (threading.BrokenBarrierError, TimeoutError))]
+        raise (causes or failures)[0]
+    return [future.result() for future in futures]
 
 
 def _run_rank(rank_fn: Callable[[Transport, Any], Any], transport: EmulatedTransport, shard: Any) -> Any:

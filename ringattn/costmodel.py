@@ -241,7 +241,7 @@ def _transfer_s(rank: RankStep, hw: Hardware) -> float:
 _COLLECTIVE_ROUNDS = {"all_gather": lambda n: n - 1, "all_reduce": lambda n: 2 * (n - 1), "all_to_all": lambda n: 1}
 
 
-def _step_times(step: Step, shape: AttentionShape, hw: Hardware) -> tuple[float, float]:
+def step_times(step: Step, shape: AttentionShape, hw: Hardware) -> tuple[float, float]:
     """(compute seconds, communication seconds) of one step, slowest rank each."""
     n = len(step.ranks)
     compute = max(4.0 * r.heads_q * shape.head_dim * r.pairs / hw.flops_per_s for r in step.ranks)
@@ -261,7 +261,7 @@ def predict(schedule: str, steps: list[Step], shape: AttentionShape, hw: Hardwar
     """Predicted time of one forward of `steps` on `hw`."""
     total = compute = comm = exposed = 0.0
     for step in steps:
-        step_compute, step_comm = _step_times(step, shape, hw)
+        step_compute, step_comm = step_times(step, shape, hw)
         overlapped = step.collective is None
         step_total = max(step_compute, step_comm) if overlapped else step_compute + step_comm
         total += step_total
@@ -310,5 +310,20 @@ def choose_schedule(
         for name in candidates
         if applicable(name, shape, n)
     }
-    best = min(predictions.values(), key=lambda p: (p.total_s, p.bytes_per_rank))
-    return best.schedule, predictions
+    # NOTE: schedules within 1% of the fastest count as tied (all hide their communication); among
+    # those the one moving fewest bytes wins, leaving the links to whatever else runs.
+    fastest = min(p.total_s for p in predictions.values())
+    tied = [p for p in predictions.values() if p.total_s <= fastest * 1.01]
+    return min(tied, key=lambda p: p.bytes_per_rank).schedule, predictions
+
+
+# Hardware for projections. Every number is an assumption, stated where it comes from.
+# 4x A10 over PCIe, the TokenRing paper's testbed: 13.2 GB/s per direction is what the paper's ring
+# step implies (a 6k-token bf16 K+V block of 32x128 heads, 100.7 MB, in ~7.6 ms); A10 peaks at 125 dense
+# bf16 TFLOPS and a flash-attention forward is assumed to reach half. The paper assumes a fully connected
+# mesh; "switch" is the pessimistic reading where all of a GPU's traffic shares one PCIe port.
+A10_PCIE_MESH = Hardware("4x A10 PCIe (mesh)", 62e12, 13.2e9, 10e-6, "mesh")
+A10_PCIE_SWITCH = Hardware("4x A10 PCIe (switch)", 62e12, 13.2e9, 10e-6, "switch")
+# 8x H100 SXM behind NVSwitch: NVLink 4 is 450 GB/s per direction per GPU, NCCL point-to-point reaches
+# ~370 GB/s; flash-attention 2 forward reaches ~350 bf16 TFLOPS (of 989 dense peak).
+H100_NVSWITCH = Hardware("8x H100 NVSwitch", 350e12, 370e9, 10e-6, "switch")

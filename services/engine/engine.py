@@ -198,7 +198,7 @@ class AsyncLLMEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()
-        self._commands.put(("wake",))
+        self._commands.put(("wake", concurrent.futures.Future()))
         self._thread.join(timeout)
 
     # ---- engine thread -------------------------------------------------------------------------

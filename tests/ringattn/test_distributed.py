@@ -1,0 +1,65 @@
+"""Every schedule over real processes (gloo on 127.0.0.1), N in {1, 2, 3, 4}: equals single-device
+attention within 1e-5 (fp32) and counts exactly the bytes the cost model predicts.
+
+Process start-up dominates on a small machine, so one spawn of 4 processes runs the whole case matrix
+on subgroups of 1, 2 and 3 ranks (exercising the `group=` argument) and on the default group of 4;
+each case is then its own test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from ringattn import SCHEDULES, CommCounter
+from ringattn.costmodel import AttentionShape, predicted_bytes, schedule_steps
+from tests.ringattn.cases import FP32_TOL, HEAD_DIM, HEADS_KV, Case, all_cases, build, errors
+from tests.ringattn.multiprocess import run_processes
+
+WORLD_SIZES = (1, 2, 3, 4)
+COST_MODEL_NAME = {"decode_pass_q": "tokenring"}
+
+pytestmark = pytest.mark.slow
+
+
+def run_all_cases(rank: int, world_size: int) -> dict[str, tuple[float, float, dict]]:
+    """On one of 4 processes: every case's (out error, lse error, bytes by step) for its shard."""
+    report = {}
+    for n in WORLD_SIZES:
+        group = dist.new_group(list(range(n))) if n < world_size else None  # every rank must call
+        if rank < n:
+            report.update(_run_cases(rank, n, group))
+    return report
+
+
+def _run_cases(rank: int, world_size: int, group) -> dict[str, tuple[float, float, dict]]:
+    report = {}
+    for case in all_cases(world_size):
+        built = build(case)
+        shard = built.shards[rank]
+        counter = CommCounter()
+        out, lse = SCHEDULES[case.schedule][0](
+            shard.q, shard.k, shard.v, shard.q_pos, shard.k_pos, causal=case.causal, group=group, counter=counter
+        )
+        measured = {step: b for step, b in counter.bytes_by_step().items() if b != (0, 0)}
+        report[case.name] = (*errors(built, rank, out, lse), measured)
+    return report
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[dict]:
+    return run_processes(run_all_cases, max(WORLD_SIZES))
+
+
+@pytest.mark.parametrize("case", [c for n in WORLD_SIZES for c in all_cases(n)], ids=lambda c: c.name)
+def test_schedule_over_processes(case: Case, reports: list[dict]) -> None:
+    per_rank = [report[case.name] for report in reports[: case.world_size]]
+    for rank, (out_err, lse_err, _) in enumerate(per_rank):
+        assert out_err <= FP32_TOL and lse_err <= FP32_TOL, (rank, out_err, lse_err)
+    built = build(case)
+    shape = AttentionShape(HEADS_KV * case.gqa, HEADS_KV, HEAD_DIM, 4, case.causal)
+    steps = schedule_steps(
+        COST_MODEL_NAME.get(case.schedule, case.schedule), shape,
+        [s.q_pos for s in built.shards], [s.k_pos for s in built.shards],
+    )
+    assert [measured for _, _, measured in per_rank] == predicted_bytes(steps)
