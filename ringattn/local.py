@@ -8,8 +8,8 @@ GQA is native: KV heads are never expanded, query heads are grouped over them.
 Under a causal mask the block is cut into tiles (up to KEY_TILE keys by as many query rows as fit in
 TILE_SCORES); tiles whose keys all lie after every query are skipped and tiles whose keys all lie
 before every query run without a mask. This works for any position layout: contiguous and zigzag
-shards skip about half of a diagonal block, a random permutation skips nothing and stays exact. `computed_pairs` counts the (query, key) pairs that are actually computed,
-which is what the cost model charges as FLOPs.
+shards skip about half of a diagonal block, a random permutation skips nothing and stays exact.
+`computed_pairs` counts the (query, key) pairs that are actually computed, which is what the cost model charges as FLOPs.
 """
 
 from __future__ import annotations
@@ -167,7 +167,9 @@ def sdpa_reference(
     return out.masked_fill(empty_rows.view(-1, 1, 1), 0.0)
 
 
-def reference_lse(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool) -> torch.Tensor:
+def reference_lse(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool
+) -> torch.Tensor:
     """Single-device log-sum-exp [Tq, Hq] fp32 in float64 arithmetic (KV heads expanded), for tests."""
     h_q, h_kv, d = q.shape[1], k.shape[1], q.shape[2]
     k_full = k.double().repeat_interleave(h_q // h_kv, dim=1)

@@ -63,7 +63,10 @@ class LLMEngine:
         self.config = config or load_config()
         self.loaded = loaded or load_model(self.config.model)
         cfg, args = self.config.engine, self.loaded.args
-        self.max_model_len = min(cfg.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+        # NOTE: a sliding-window checkpoint (Mistral) is exact only up to its window, since we attend to
+        # every earlier key; rather than serve silently different attention we cap the context there.
+        limits = [args.max_position_embeddings, cfg.max_model_len, args.sliding_window]
+        self.max_model_len = min(x for x in limits if x)
         self.worker = Worker(self.loaded, cfg.num_blocks, cfg.block_size)
         self.scheduler = make_scheduler(
             cfg.policy, num_blocks=cfg.num_blocks, block_size=cfg.block_size,

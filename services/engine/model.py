@@ -35,6 +35,7 @@ class ModelArgs:
     tie_embeddings: bool
     attention_bias: bool  # Qwen2 has q/k/v biases
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # Mistral; the engine caps its context here rather than mask
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
@@ -60,6 +61,7 @@ class ModelArgs:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
             eos_token_ids=eos_ids,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         )
 
 
