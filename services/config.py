@@ -44,9 +44,25 @@ class EngineConfig:
 
 
 @dataclass
+class GatewayConfig:
+    """The gRPC front door. auth_token empty: no auth; tls_cert/tls_key set: TLS on the gRPC port."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: pick a free port (tests)
+    metrics_port: int | None = 9464  # Prometheus text format over HTTP; None: off
+    auth_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_inflight: int = 64  # concurrent generation calls before RESOURCE_EXHAUSTED
+    default_max_tokens: int = 128
+    max_prompt_chars: int = 1_000_000
+
+
+@dataclass
 class LongbowConfig:
     model: ModelSource = field(default_factory=ModelSource)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
 
 _ENV_KEYS = {
@@ -58,6 +74,13 @@ _ENV_KEYS = {
     "LONGBOW_NUM_BLOCKS": ("engine", "num_blocks", int),
     "LONGBOW_MAX_SEQS": ("engine", "max_seqs", int),
     "LONGBOW_POLICY": ("engine", "policy", str),
+    "LONGBOW_HOST": ("gateway", "host", str),
+    "LONGBOW_PORT": ("gateway", "port", int),
+    "LONGBOW_METRICS_PORT": ("gateway", "metrics_port", int),
+    "LONGBOW_AUTH_TOKEN": ("gateway", "auth_token", str),
+    "LONGBOW_TLS_CERT": ("gateway", "tls_cert", str),
+    "LONGBOW_TLS_KEY": ("gateway", "tls_key", str),
+    "LONGBOW_MAX_INFLIGHT": ("gateway", "max_inflight", int),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -191,8 +192,10 @@ class AsyncLLMEngine:
 
     async def generate(self, request: Request) -> Completion:
         completion = Completion(request.id)
-        async for event in self.stream(request):
-            completion.add(event)
+        # aclosing: a cancelled caller must abort the request now, not when the generator is collected
+        async with contextlib.aclosing(self.stream(request)) as events:
+            async for event in events:
+                completion.add(event)
         return completion
 
     async def call(self, fn, *args):

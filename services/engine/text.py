@@ -8,6 +8,7 @@ not returned).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -108,7 +109,8 @@ async def generate_text(engine: AsyncLLMEngine, tokenizer, prompt: str, params: 
                         stop: list[str] = (), request_id: str = "text") -> tuple[str, FinishReason | None]:
     ids = tokenizer(prompt).input_ids
     parts, reason = [], None
-    async for delta in stream_text(engine, tokenizer, Request(request_id, ids, params), stop):
-        parts.append(delta.text)
-        reason = delta.event.reason or reason
+    async with contextlib.aclosing(stream_text(engine, tokenizer, Request(request_id, ids, params), stop)) as deltas:
+        async for delta in deltas:
+            parts.append(delta.text)
+            reason = delta.event.reason or reason
     return "".join(parts), reason

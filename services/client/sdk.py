@@ -1,0 +1,215 @@
+"""Sync and asyncio clients for the Longbow gateway, with typed results.
+
+Only grpcio and protobuf are needed. UNAVAILABLE is retried with exponential backoff (a restarting
+replica); every other error surfaces as `LongbowError` carrying the gRPC status code. Streaming
+generation is an iterator; breaking out of it cancels the call, which aborts generation on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from longbow.v1 import generation_pb2 as gen_pb
+from longbow.v1 import generation_pb2_grpc, server_info_pb2, server_info_pb2_grpc
+
+_FINISH = {gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_STOP: "stop",
+           gen_pb.FINISH_REASON_ABORT: "abort", gen_pb.FINISH_REASON_UNSPECIFIED: None}
+
+
+class LongbowError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    request_id: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GenerationChunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_backoff_s
+        for _ in range(self.attempts - 1):
+            yield delay * (0.5 + random.random())  # jitter so replicas are not hit in lockstep
+            delay = min(delay * 2, self.max_backoff_s)
+
+
+def build_request(prompt=None, *, messages=None, token_ids=None, max_tokens=0, temperature=0.0, top_p=0.0,
+                  top_k=0, seed=None, stop=(), stop_token_ids=(), min_tokens=0, logprobs=False,
+                  ignore_eos=False, request_id="") -> gen_pb.GenerateRequest:
+    sampling = gen_pb.SamplingOptions(max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                                      logprobs=logprobs, ignore_eos=ignore_eos)
+    if seed is not None:
+        sampling.seed = seed
+    request = gen_pb.GenerateRequest(sampling=sampling, request_id=request_id)
+    if messages is not None:
+        request.chat.messages.extend(gen_pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    elif token_ids is not None:
+        request.token_ids.ids.extend(token_ids)
+    else:
+        request.prompt = prompt if prompt is not None else ""
+    return request
+
+
+def _generation(r: gen_pb.GenerateResponse) -> Generation:
+    return Generation(r.text, list(r.token_ids), _FINISH[r.finish_reason], r.usage.prompt_tokens,
+                      r.usage.completion_tokens, r.usage.time_to_first_token_s, r.request_id,
+                      [t.logprob for t in r.tokens], [t.entropy for t in r.tokens])
+
+
+def _chunk(c: gen_pb.GenerateChunk) -> GenerationChunk:
+    return GenerationChunk(c.text, list(c.token_ids), _FINISH[c.finish_reason], [t.logprob for t in c.tokens])
+
+
+def _channel_args(target: str, token: str, root_certificates: bytes | None, aio: bool):
+    make = grpc.aio if aio else grpc
+    if root_certificates is not None:
+        return make.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+    return make.insecure_channel(target)
+
+
+class LongbowClient:
+    """Blocking client. `with LongbowClient("host:port") as c: c.generate("Hi")`."""
+
+    def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
+                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = None):
+        self._channel = _channel_args(target, token, root_certificates, aio=False)
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout_s, self.retry = timeout_s, retry or RetryPolicy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Generation:
+        request = build_request(prompt, **kwargs)
+        return _generation(self._call(self._generation.Generate, request))
+
+    def generate_stream(self, prompt: str | None = None, **kwargs) -> Iterator[GenerationChunk]:
+        call = self._generation.GenerateStream(build_request(prompt, **kwargs), timeout=self.timeout_s,
+                                               metadata=self._metadata)
+        try:
+            for chunk in call:
+                yield _chunk(chunk)
+        except grpc.RpcError as exc:
+            raise LongbowError(exc.code(), exc.details()) from None
+        finally:
+            call.cancel()  # no-op when finished; aborts generation when the caller stopped early
+
+    def score(self, text: str | None = None, token_ids: list[int] | None = None) -> tuple[list[int], list[float]]:
+        request = gen_pb.ScoreRequest(text=text) if token_ids is None else gen_pb.ScoreRequest(
+            token_ids=gen_pb.TokenIds(ids=token_ids))
+        response = self._call(self._generation.Score, request)
+        return list(response.token_ids), list(response.logprobs)
+
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        return list(self._call(self._generation.Tokenize, gen_pb.TokenizeRequest(text=text, chat=chat)).token_ids)
+
+    def server_info(self) -> server_info_pb2.ServerInfo:
+        return self._call(self._info.GetServerInfo, server_info_pb2.GetServerInfoRequest())
+
+    def _call(self, method, request):
+        delays = self.retry.delays()
+        while True:
+            try:
+                return method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise LongbowError(exc.code(), exc.details()) from None
+                time.sleep(delay)
+
+
+class AsyncLongbowClient:
+    """asyncio client with the same methods as LongbowClient (awaitable / async iterators)."""
+
+    def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
+                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = None):
+        self._channel = _channel_args(target, token, root_certificates, aio=True)
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout_s, self.retry = timeout_s, retry or RetryPolicy()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> Generation:
+        return _generation(await self._call(self._generation.Generate, build_request(prompt, **kwargs)))
+
+    async def generate_stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[GenerationChunk]:
+        call = self._generation.GenerateStream(build_request(prompt, **kwargs), timeout=self.timeout_s,
+                                               metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield _chunk(chunk)
+        except grpc.RpcError as exc:
+            raise LongbowError(exc.code(), exc.details()) from None
+        finally:
+            call.cancel()
+
+    async def score(self, text: str | None = None, token_ids: list[int] | None = None):
+        request = gen_pb.ScoreRequest(text=text) if token_ids is None else gen_pb.ScoreRequest(
+            token_ids=gen_pb.TokenIds(ids=token_ids))
+        response = await self._call(self._generation.Score, request)
+        return list(response.token_ids), list(response.logprobs)
+
+    async def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        response = await self._call(self._generation.Tokenize, gen_pb.TokenizeRequest(text=text, chat=chat))
+        return list(response.token_ids)
+
+    async def server_info(self) -> server_info_pb2.ServerInfo:
+        return await self._call(self._info.GetServerInfo, server_info_pb2.GetServerInfoRequest())
+
+    async def _call(self, method, request):
+        delays = self.retry.delays()
+        while True:
+            try:
+                return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise LongbowError(exc.code(), exc.details()) from None
+                await asyncio.sleep(delay)

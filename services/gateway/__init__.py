@@ -1,0 +1,1 @@
+"""The gRPC gateway: Longbow's one front door. Protobuf stops here (convert.py)."""

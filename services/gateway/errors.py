@@ -1,0 +1,144 @@
+"""One interceptor maps exceptions to gRPC status codes; handlers just raise.
+
+It also turns requests that fail to parse (invalid UTF-8 in a string field, garbage bytes) into
+INVALID_ARGUMENT instead of grpc's default INTERNAL, and checks the bearer token when one is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from services.engine.errors import (
+    CapacityError,
+    EngineError,
+    EngineStoppedError,
+    InvalidRequestError,
+    UnknownRequestError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AuthError(Exception):
+    """Missing or wrong bearer token."""
+
+
+class NotFoundError(LookupError):
+    """A named thing (session, document, file) does not exist."""
+
+
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+    (EngineError, grpc.StatusCode.UNAVAILABLE),  # a failed step: retriable
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (asyncio.TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnicodeError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth_token: str = "", on_status: Callable[[str, grpc.StatusCode], None] | None = None):
+        self.auth_token, self.on_status = auth_token, on_status or (lambda method, code: None)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        authorized = self._authorized(details.invocation_metadata)
+        method = details.method
+        deserialize = _tolerant(handler.request_deserializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, authorized), deserialize, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, authorized), deserialize, handler.response_serializer)
+        return handler  # no client-streaming RPCs in the API
+
+    def _authorized(self, metadata) -> bool:
+        if not self.auth_token:
+            return True
+        value = dict(metadata or ()).get("authorization", "")
+        return hmac.compare_digest(value.encode(), f"Bearer {self.auth_token}".encode())
+
+    def _wrap_unary(self, behavior, method, authorized):
+        async def call(request, context):
+            try:
+                _check(request, authorized)
+                response = await behavior(request, context)
+            except Exception as exc:
+                await self._abort(context, method, exc)
+            self.on_status(method, grpc.StatusCode.OK)
+            return response
+
+        return call
+
+    def _wrap_stream(self, behavior, method, authorized):
+        async def call(request, context):
+            try:
+                _check(request, authorized)
+                async for response in behavior(request, context):
+                    yield response
+            except Exception as exc:
+                await self._abort(context, method, exc)
+            self.on_status(method, grpc.StatusCode.OK)
+
+        return call
+
+    async def _abort(self, context, method: str, exc: Exception):
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        code = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("unhandled error in %s", method)
+            message = "internal error"
+        else:
+            message = str(exc) or type(exc).__name__
+        self.on_status(method, code)
+        await context.abort(code, message)
+
+
+def _check(request, authorized: bool) -> None:
+    if not authorized:
+        raise AuthError("missing or invalid bearer token")
+    if isinstance(request, _Malformed):
+        raise InvalidRequestError(f"malformed request: {request.error}")
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # invalid UTF-8 in a string field raises here
+            return _Malformed(exc)
+
+    return parse

@@ -1,0 +1,135 @@
+"""The domain behind the Generation RPCs: text and chats in, text and token details out.
+
+No protobuf here (convert.py does that). Bounds the number of calls in flight, records TTFT/TPOT, and
+relies on the engine stream's cleanup so a cancelled or timed-out call frees its KV at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.config import GatewayConfig
+from services.engine.engine import AsyncLLMEngine
+from services.engine.errors import CapacityError, InvalidRequestError
+from services.engine.text import TextDelta, encode_chat, stream_text
+from services.engine.types import FinishReason, Request, SamplingParams
+from services.gateway.metrics import GatewayMetrics
+
+
+@dataclass
+class GenerationInput:
+    prompt: str | None = None
+    chat: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    request_id: str = ""
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0
+
+
+class GenerationService:
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, config: GatewayConfig, metrics: GatewayMetrics):
+        self.engine, self.tokenizer, self.config, self.metrics = engine, tokenizer, config, metrics
+        self._inflight = 0
+        self._ids = itertools.count()
+
+    def encode(self, request: GenerationInput) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.chat, request.token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, chat or token_ids")
+        if request.token_ids is not None:
+            return list(request.token_ids)
+        if request.chat is not None:
+            if not request.chat:
+                raise InvalidRequestError("chat has no messages")
+            self._check_size(sum(len(m.get("content", "")) for m in request.chat))
+            return encode_chat(self.tokenizer, request.chat)
+        self._check_size(len(request.prompt))
+        return self.tokenizer(request.prompt).input_ids
+
+    async def stream(self, request: GenerationInput) -> AsyncIterator[tuple[TextDelta, GenerationResult]]:
+        """Yields each text delta with the running result (usage filled as it goes)."""
+        ids = self.encode(request)
+        request_id = request.request_id or f"gw-{next(self._ids)}"
+        result = GenerationResult(request_id, prompt_tokens=len(ids))
+        with self._slot():
+            start = last = time.perf_counter()
+            deltas = stream_text(self.engine, self.tokenizer, Request(request_id, ids, request.params), request.stop)
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    now = time.perf_counter()
+                    self._account(delta, result, now, start, last)
+                    last = now
+                    yield delta, result
+
+    async def generate(self, request: GenerationInput) -> GenerationResult:
+        result = None
+        parts = []
+        async with contextlib.aclosing(self.stream(request)) as stream:
+            async for delta, result in stream:
+                parts.append(delta.text)
+        result.text = "".join(parts)
+        return result
+
+    async def score(self, text: str | None, token_ids: list[int] | None) -> tuple[list[int], list[float]]:
+        ids = self.encode(GenerationInput(prompt=text, token_ids=token_ids))
+        if len(ids) < 2:
+            raise InvalidRequestError("scoring needs at least two tokens")
+        params = SamplingParams(max_tokens=0, prompt_logprobs=True)
+        with self._slot():
+            completion = await self.engine.generate(Request(f"score-{next(self._ids)}", ids, params))
+        return ids, completion.prompt_logprobs or []
+
+    def tokenize(self, text: str, chat: bool) -> tuple[list[int], list[str]]:
+        self._check_size(len(text))
+        ids = encode_chat(self.tokenizer, [{"role": "user", "content": text}]) if chat else self.tokenizer(text).input_ids
+        return ids, [self.tokenizer.decode([i]) for i in ids]
+
+    async def refresh_metrics(self) -> None:
+        self.metrics.record_engine(await self.engine.call(lambda e: e.stats()))
+
+    def _account(self, delta: TextDelta, result: GenerationResult, now: float, start: float, last: float) -> None:
+        event = delta.event
+        if event.token_id is not None:
+            if not result.token_ids:
+                result.ttft_s = now - start
+                self.metrics.ttft.observe(result.ttft_s)
+            else:
+                self.metrics.tpot.observe(now - last)
+            result.token_ids.append(event.token_id)
+            result.logprobs.append(event.logprob)
+            result.entropies.append(event.entropy)
+            self.metrics.tokens.inc()
+        if event.finished:
+            result.finish_reason = event.reason
+
+    def _check_size(self, chars: int) -> None:
+        if chars > self.config.max_prompt_chars:
+            raise InvalidRequestError(f"prompt of {chars} characters exceeds the limit of {self.config.max_prompt_chars}")
+
+    @contextlib.contextmanager
+    def _slot(self):
+        if self._inflight >= self.config.max_inflight:
+            raise CapacityError(f"server busy: {self._inflight} generation calls in flight")
+        self._inflight += 1
+        self.metrics.inflight.set(self._inflight)
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.set(self._inflight)

@@ -1,0 +1,86 @@
+"""gRPC servicers: decode, call one domain function, encode. Errors are the interceptor's job."""
+
+from __future__ import annotations
+
+from longbow.v1 import (
+    code_assist_pb2_grpc,
+    generation_pb2 as gen_pb,
+    generation_pb2_grpc,
+    retrieval_pb2_grpc,
+    server_info_pb2 as info_pb,
+    server_info_pb2_grpc,
+    sessions_pb2_grpc,
+)
+from services.gateway import convert
+from services.gateway.generation import GenerationInput, GenerationService
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, service: GenerationService):
+        self.service = service
+
+    async def Generate(self, request, context):
+        inputs = convert.generate_from_pb(request, self.service.config.default_max_tokens)
+        result = await self.service.generate(inputs)
+        return convert.result_to_pb(result, request.sampling.logprobs)
+
+    async def GenerateStream(self, request, context):
+        inputs = convert.generate_from_pb(request, self.service.config.default_max_tokens)
+        async for delta, result in self.service.stream(inputs):
+            yield convert.chunk_to_pb(delta.text, delta.event, result, request.sampling.logprobs)
+
+    async def Score(self, request, context):
+        which = request.WhichOneof("input")
+        text = request.text if which == "text" else None
+        ids = list(request.token_ids.ids) if which == "token_ids" else None
+        if which is None:
+            text = ""
+        token_ids, logprobs = await self.service.score(text, ids)
+        return gen_pb.ScoreResponse(token_ids=token_ids, logprobs=logprobs)
+
+    async def Tokenize(self, request, context):
+        ids, pieces = self.service.tokenize(request.text, request.chat)
+        return gen_pb.TokenizeResponse(token_ids=ids, pieces=pieces)
+
+
+class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
+    def __init__(self, info: info_pb.ServerInfo):
+        self.info = info
+
+    async def GetServerInfo(self, request, context):
+        return self.info
+
+
+def _unimplemented(issue: str):
+    async def method(self, request, context):
+        raise NotImplementedError(f"not implemented yet: arrives with {issue}")
+
+    return method
+
+
+def _unimplemented_stream(issue: str):
+    async def method(self, request, context):
+        raise NotImplementedError(f"not implemented yet: arrives with {issue}")
+        yield  # pragma: no cover - makes this an async generator
+
+    return method
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    Ingest = _unimplemented_stream("the RAG front end")
+    Delete = _unimplemented("the RAG front end")
+    Query = _unimplemented("the RAG front end")
+    QueryStream = _unimplemented_stream("the RAG front end")
+
+
+class CodeAssistServicer(code_assist_pb2_grpc.CodeAssistServicer):
+    GetContext = _unimplemented("typed-hole code context")
+    Complete = _unimplemented("typed-hole code context")
+    UpdateFiles = _unimplemented("typed-hole code context")
+
+
+class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
+    OpenSession = _unimplemented("PIE edit sessions")
+    ApplyEdits = _unimplemented("PIE edit sessions")
+    Predict = _unimplemented("PIE edit sessions")
+    CloseSession = _unimplemented("PIE edit sessions")

@@ -1,0 +1,174 @@
+"""The gateway over a real socket with the real model: generation, cancellation, deadlines, auth,
+health, reflection, bad input, and a client not written with grpcio."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from longbow.v1 import generation_pb2 as gen_pb
+from longbow.v1 import retrieval_pb2
+from services.client.sdk import LongbowClient, LongbowError
+from tests.conftest import RunningGateway
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def client(gateway):
+    with LongbowClient(gateway.address, timeout_s=60) as c:
+        yield c
+
+
+def test_generate_unary_and_stream_agree(client, gateway):
+    unary = client.generate("The capital of France is", max_tokens=12, min_tokens=12)
+    assert unary.completion_tokens == 12 and len(unary.token_ids) == 12
+    assert unary.finish_reason == "length" and unary.ttft_s > 0
+    chunks = list(client.generate_stream("The capital of France is", max_tokens=12, min_tokens=12))
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == unary.token_ids
+    assert chunks[-1].finish_reason == "length"
+    assert gateway.wait_until_idle()["kv_blocks_used"] == 0
+
+
+def test_chat_logprobs_and_stop_string(client):
+    result = client.generate(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, logprobs=True)
+    assert len(result.logprobs) == len(result.token_ids) and all(lp <= 0 for lp in result.logprobs)
+    free = client.generate("One, two, three, four, five,", max_tokens=10, min_tokens=10)
+    stop = free.text.split()[1]
+    cut = client.generate("One, two, three, four, five,", max_tokens=10, stop=[stop])
+    assert cut.text == free.text[: free.text.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_score_and_tokenize(client):
+    ids = client.tokenize("Paris is the capital of France.")
+    scored_ids, logprobs = client.score(token_ids=ids)
+    assert scored_ids == ids and len(logprobs) == len(ids) - 1 and all(lp <= 0 for lp in logprobs)
+    text_ids, _ = client.score("Paris is the capital of France.")
+    assert text_ids == ids
+
+
+def test_cancelled_stream_frees_kv(client, gateway):
+    stream = client.generate_stream("Write a very long story.", max_tokens=400, min_tokens=400)
+    received = [next(stream) for _ in range(3)]
+    assert len(received) == 3
+    stream.close()  # the client stops reading: the call is cancelled
+    stats = gateway.wait_until_idle()
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+
+
+def test_deadline_exceeded_frees_kv(gateway):
+    with LongbowClient(gateway.address, timeout_s=0.3) as short:
+        with pytest.raises(LongbowError) as err:
+            short.generate("Tell me everything.", max_tokens=1000, min_tokens=1000)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert gateway.wait_until_idle()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(token_ids=[1, 2, 10**8]), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="hi", temperature=-2.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="hi", top_p=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="word " * 9000, max_tokens=10), grpc.StatusCode.INVALID_ARGUMENT),  # beyond context
+        (dict(messages=[{"role": "wizard", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="hi", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_requests_get_clear_status_and_server_keeps_serving(client, kwargs, code):
+    with pytest.raises(LongbowError) as err:
+        client.generate(**kwargs)
+    assert err.value.code == code and err.value.message
+    assert client.generate("ok", max_tokens=2).completion_tokens >= 1
+
+
+def test_invalid_utf8_bytes_are_invalid_argument(gateway):
+    # A string field carrying invalid UTF-8, sent as raw bytes (no grpcio serializer can produce it).
+    broken = b"\x0a\x03\xff\xfe\xfd"  # field 1 (prompt), length 3, invalid UTF-8
+    with grpc.insecure_channel(gateway.address) as channel:
+        call = channel.unary_unary("/longbow.v1.Generation/Generate", request_serializer=None,
+                                   response_deserializer=gen_pb.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(broken, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unimplemented_services_say_so(gateway):
+    with grpc.insecure_channel(gateway.address) as channel:
+        delete = channel.unary_unary("/longbow.v1.Retrieval/Delete",
+                                     request_serializer=retrieval_pb2.DeleteRequest.SerializeToString,
+                                     response_deserializer=retrieval_pb2.DeleteResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            delete(retrieval_pb2.DeleteRequest(document_ids=["x"]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_health_and_reflection(gateway):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(gateway.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ["", "longbow.v1.Generation"]:
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"longbow.v1.Generation", "longbow.v1.Retrieval", "longbow.v1.CodeAssist", "longbow.v1.Sessions",
+            "longbow.v1.ServerInfoService", "grpc.health.v1.Health"} <= services
+
+
+def test_server_info(client, gateway):
+    info = client.server_info()
+    assert info.max_context_tokens == 8192 and info.token_budget == 128
+    assert "longbow.v1.Generation" in info.implemented_services
+
+
+def test_auth_required_when_token_configured(loaded_model, tokenizer):
+    secured = RunningGateway(loaded_model, tokenizer, auth_token="s3cret")
+    try:
+        with LongbowClient(secured.address, retry=None) as anonymous:
+            with pytest.raises(LongbowError) as err:
+                anonymous.generate("hi", max_tokens=2)
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with LongbowClient(secured.address, token="wrong") as wrong:
+            with pytest.raises(LongbowError) as err:
+                wrong.generate("hi", max_tokens=2)
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with LongbowClient(secured.address, token="s3cret") as good:
+            assert good.generate("hi", max_tokens=2).completion_tokens >= 1
+    finally:
+        secured.close()
+
+
+def test_metrics_endpoint_counts_requests(client, gateway):
+    import urllib.request
+
+    client.generate("metrics please", max_tokens=2)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.gateway.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'longbow_requests_total{code="OK",method="/longbow.v1.Generation/Generate"}' in body
+    assert "longbow_time_to_first_token_seconds_count" in body
+
+
+def test_grpclib_client_talks_to_the_server(gateway):
+    """A client built on grpclib (pure-Python HTTP/2), not grpcio."""
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+
+    async def call():
+        host, port = gateway.address.split(":")
+        channel = Channel(host, int(port))
+        try:
+            async with channel.request("/longbow.v1.Generation/Generate", Cardinality.UNARY_UNARY,
+                                       gen_pb.GenerateRequest, gen_pb.GenerateResponse, timeout=60) as stream:
+                request = gen_pb.GenerateRequest(prompt="Hello from grpclib", sampling=gen_pb.SamplingOptions(max_tokens=4))
+                await stream.send_message(request, end=True)
+                return await stream.recv_message()
+        finally:
+            channel.close()
+
+    response = asyncio.run(call())
+    assert len(response.token_ids) >= 1 and response.usage.prompt_tokens > 0
