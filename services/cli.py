@@ -32,8 +32,42 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Run the gRPC gateway with the embedded engine until SIGINT/SIGTERM."""
+    from services.gateway.server import serve
+
+    overrides = {f"gateway__{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.no_metrics:
+        overrides["gateway__metrics_port"] = None
+    asyncio.run(serve(load_config(args.config, **overrides)))
+    return 0
+
+
 def cmd_generate(args) -> int:
-    """Generate from a prompt on the embedded engine, streaming text to stdout."""
+    """Generate from a prompt, streaming text to stdout: through a server (--address) or embedded."""
+    if args.address:
+        return _generate_remote(args)
+    return _generate_embedded(args)
+
+
+def _generate_remote(args) -> int:
+    from services.client.sdk import LongbowClient, LongbowError
+
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+    try:
+        with LongbowClient(args.address, token=args.token or "") as client:
+            for chunk in client.generate_stream(**prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                                top_p=args.top_p, seed=args.seed, stop=args.stop or []):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except LongbowError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    print()
+    return 0
+
+
+def _generate_embedded(args) -> int:
     from services.engine.engine import AsyncLLMEngine, LLMEngine
     from services.engine.text import encode_chat, stream_text
     from services.engine.types import Request, SamplingParams
@@ -69,8 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="resolve the model (converting the bundled one on first use) and print it")
     info.set_defaults(fn=cmd_info)
-    gen = sub.add_parser("generate", help="generate text from a prompt on the embedded engine")
+    serve = sub.add_parser("serve", help="serve the gRPC API (embedded engine; LONGBOW_* env configures it)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    serve.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics (default port 9464)")
+    serve.set_defaults(fn=cmd_serve)
+    gen = sub.add_parser("generate", help="generate text from a prompt (embedded engine, or a server with --address)")
     gen.add_argument("prompt")
+    gen.add_argument("--address", help="host:port of a running `longbow serve`; omitted: run the model in-process")
+    gen.add_argument("--token", help="bearer token for a server with auth")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -78,7 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(fn=cmd_generate)
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (source checkout), e.g. `longbow bench engine --quick`")
+    bench.add_argument("name", help="engine, ringattn, gateway, ...")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.set_defaults(fn=cmd_bench)
     return parser
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        print(f"error: no benchmark {script}", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
