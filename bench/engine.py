@@ -18,7 +18,7 @@ P95 token latency (inter-token gap), effective throughput (FastGen's SLA, see `m
 SplitFuse against each baseline; the targets at 8 clients are checked and printed. Results go to a table
 on stdout, progress to stderr, everything to JSON (bench/results/engine.json).
 
-Run (from the repository root; the default takes ~15-20 min on 2 CPU cores, --quick ~3 min):
+Run (from the repository root; the default took 21.5 min on 2 shared CPU cores, --quick ~2-3 min):
     . .venv/bin/activate
     python bench/engine.py             # default: prompts ~512, outputs ~64, 2 req/client
     python bench/engine.py --quick     # prompts ~128, outputs ~16, 1 request per client

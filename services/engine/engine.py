@@ -146,10 +146,10 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
                 f"{self.max_model_len} tokens")
-        if blocks_for(total, cfg.block_size) > cfg.num_blocks:
+        if not self.scheduler.pool.could_ever_hold(blocks_for(total, cfg.block_size)):
             raise PromptTooLongError(
                 f"prompt + max_tokens ({total} tokens) exceeds the KV capacity of "
-                f"{cfg.num_blocks * cfg.block_size} tokens")
+                f"{self.scheduler.pool.num_blocks * cfg.block_size} tokens")
         if request.id in self.scheduler.sequences:
             raise InvalidRequestError(f"request id {request.id!r} is already in use")
         if len(self.scheduler.waiting) >= cfg.max_queue:

@@ -27,22 +27,45 @@ from services.engine.types import (
 
 
 class BlockPool:
-    """Free list of KV block ids."""
+    """Free lists of KV block ids, one per shard.
 
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+    Shard s owns global ids [s * blocks_per_shard, (s + 1) * blocks_per_shard). A request's j-th block
+    (positions [j * block_size, (j + 1) * block_size)) lives on shard j % num_shards, so every request's
+    KV is spread evenly over the shards; with one shard this is a plain free list.
+    """
+
+    def __init__(self, blocks_per_shard: int, num_shards: int = 1):
+        self.blocks_per_shard, self.num_shards = blocks_per_shard, num_shards
+        self.num_blocks = blocks_per_shard * num_shards
+        self._free = [deque(range(s * blocks_per_shard, (s + 1) * blocks_per_shard)) for s in range(num_shards)]
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return sum(len(f) for f in self._free)
 
-    def allocate(self, n: int) -> list[int]:
-        assert n <= len(self._free), "caller must check num_free"
-        return [self._free.popleft() for _ in range(n)]
+    def shard_of(self, block: int) -> int:
+        return block // self.blocks_per_shard
+
+    def demand(self, n: int, start: int = 0) -> list[int]:
+        """Blocks needed per shard for a request's blocks start .. start + n - 1."""
+        per_shard = [0] * self.num_shards
+        for j in range(start, start + n):
+            per_shard[j % self.num_shards] += 1
+        return per_shard
+
+    def can_allocate(self, n: int, start: int = 0) -> bool:
+        return all(need <= len(free) for need, free in zip(self.demand(n, start), self._free))
+
+    def could_ever_hold(self, n: int) -> bool:
+        return max(self.demand(n)) <= self.blocks_per_shard
+
+    def allocate(self, n: int, start: int = 0) -> list[int]:
+        assert self.can_allocate(n, start), "caller must check can_allocate"
+        return [self._free[j % self.num_shards].popleft() for j in range(start, start + n)]
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        for block in blocks:
+            self._free[self.shard_of(block)].append(block)
 
 
 class Status(enum.Enum):
@@ -84,8 +107,9 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class Scheduler:
     """Shared bookkeeping; subclasses decide what a step computes (`schedule`)."""
 
-    def __init__(self, num_blocks: int, block_size: int, token_budget: int, max_seqs: int, eos_ids=()):
-        self.pool = BlockPool(num_blocks)
+    def __init__(self, num_blocks: int, block_size: int, token_budget: int, max_seqs: int, eos_ids=(),
+                 num_shards: int = 1):
+        self.pool = BlockPool(num_blocks, num_shards)  # num_blocks per shard
         self.block_size, self.token_budget, self.max_seqs = block_size, token_budget, max_seqs
         self.eos_ids = set(eos_ids)
         self.waiting: deque[Sequence] = deque()
@@ -184,7 +208,7 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> bool:
         """Move the head of the queue to running if KV for its whole remaining prompt fits."""
         needed = blocks_for(len(seq.all_ids), self.block_size)
-        if needed > self.pool.num_free or len(self.running) >= self.max_seqs:
+        if not self.pool.can_allocate(needed) or len(self.running) >= self.max_seqs:
             return False
         self.waiting.popleft()
         seq.blocks = self.pool.allocate(needed)
@@ -195,8 +219,8 @@ class Scheduler:
     def _ensure_decode_slot(self, seq: Sequence, plan_ids: set[str], preempted: list[str]) -> bool:
         """Make room for seq's next token, preempting the newest KV holders if needed."""
         while len(seq.blocks) * self.block_size < seq.num_computed + 1:
-            if self.pool.num_free > 0:
-                seq.blocks += self.pool.allocate(1)
+            if self.pool.can_allocate(1, len(seq.blocks)):
+                seq.blocks += self.pool.allocate(1, len(seq.blocks))
                 continue
             victim = next(s for s in reversed(self.running) if s.request_id not in plan_ids)
             self._preempt(victim)
@@ -228,6 +252,9 @@ class Scheduler:
             sample=end == len(ids) and seq.params.max_tokens > 0,
             num_generated=len(seq.output_ids),
             next_token_id=ids[end] if end < len(ids) else None,
+            shard=self.pool.shard_of(seq.blocks[(end - 1) // self.block_size]),
+            prompt_logprobs=seq.params.prompt_logprobs,
+            return_attention=seq.params.return_attention,
         )
 
 

@@ -90,8 +90,10 @@ class ScheduledChunk:
     kv_len: int
     sample: bool  # the chunk ends at the last known token: sample the next one
     num_generated: int  # output tokens so far (the sampler enforces min_tokens with it)
-    shard: int = 0  # which shard stores the new KV (one shard until the Ray group lands)
+    shard: int = 0  # the shard holding the chunk's last token (it produces the logits to sample)
     next_token_id: int | None = None  # the known token after the chunk, for prompt logprobs
+    prompt_logprobs: bool = False  # return the logprob of every token of the chunk given its prefix
+    return_attention: bool = False  # return the last-layer attention row of the sampled position
 
 
 @dataclass(frozen=True)

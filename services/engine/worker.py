@@ -1,24 +1,138 @@
-"""A worker executes StepPlans: it owns the model, the KV tensors and the per-request generators.
+"""Executing StepPlans: a ModelRunner computes a forward pass over the tokens one shard holds; the
+Sampler (on the driver) turns the logits of sampling positions into tokens.
 
-scheduler -> worker: `StepPlan` (token ids, positions, KV slots, block tables); worker -> scheduler:
-`StepResult` (sampled ids, logprobs) as plain Python values. Nothing here decides what runs.
+scheduler -> workers: `StepPlan`; workers -> scheduler: `StepResult` as plain Python values. With one
+shard (the in-process `Worker`) runner and sampler sit together; the Ray shard group runs one runner per
+actor and samples on the driver, so seeded generators live in one place whatever shard holds a token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
+from services.engine.model import AttentionBackend
 from services.engine.sampler import entropy_and_logprobs, new_generator, sample_row
-from services.engine.types import SampledToken, SamplingParams, StepPlan, StepResult
+from services.engine.types import SampledToken, SamplingParams, ScheduledChunk, StepPlan, StepResult
 from services.engine.weights import LoadedModel
 
 
-class Worker:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+@dataclass
+class ShardLayout:
+    """Where a global KV block lives: shard = block // blocks_per_shard (see scheduler.BlockPool)."""
+
+    blocks_per_shard: int
+    block_size: int
+    num_shards: int = 1
+
+    def shard_of_position(self, chunk: ScheduledChunk, position: int) -> int:
+        return chunk.block_table[position // self.block_size] // self.blocks_per_shard
+
+
+@dataclass
+class ForwardOutput:
+    """What one runner produced for one step (plain values and small tensors: it may cross Ray)."""
+
+    sample_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> [V] fp32
+    prompt_logprobs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (target position, logprob)
+    attention: dict[str, list[float]] = field(default_factory=dict)  # by position
+
+    def merge(self, other: "ForwardOutput") -> "ForwardOutput":
+        self.sample_logits.update(other.sample_logits)
+        self.attention.update(other.attention)
+        for rid, values in other.prompt_logprobs.items():
+            self.prompt_logprobs.setdefault(rid, []).extend(values)
+        return self
+
+
+@dataclass
+class _ShardBatch:
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # local slots on this shard
+    rows: dict[str, slice] = field(default_factory=dict)
+    kv_slots: dict[str, list[int]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """The model and the KV of one shard. `backend_factory(cache)` picks local or sequence-parallel attention."""
+
+    def __init__(self, loaded: LoadedModel, layout: ShardLayout, shard: int = 0, backend: AttentionBackend | None = None):
         self.model, self.args, self.device = loaded.model, loaded.args, loaded.device
-        self.cache = PagedKVCache(loaded.args, num_blocks, block_size, loaded.device, loaded.dtype)
-        self.backend = LocalPagedAttention(self.cache, loaded.args.n_layers)
+        self.layout, self.shard = layout, shard
+        self.cache = PagedKVCache(loaded.args, layout.blocks_per_shard, layout.block_size, loaded.device, loaded.dtype)
+        self.backend = backend or LocalPagedAttention(self.cache, loaded.args.n_layers)
+        self._slot_base = shard * layout.blocks_per_shard * layout.block_size
+
+    def forward(self, plan: StepPlan) -> ForwardOutput:
+        batch = self._select(plan)
+        meta = self._meta(plan, batch)
+        logit_rows, owners = self._logit_rows(plan, batch)
+        self.backend.prepare(meta)
+        logits = self.model(_ids(batch.tokens, self.device), meta.positions, self.backend, meta,
+                            _ids(logit_rows, self.device))  # [R, V]
+        return self._collect(plan, batch, logits, owners, meta)
+
+    def _select(self, plan: StepPlan) -> _ShardBatch:
+        """This shard's new tokens of every chunk, and the local slots of every request's KV here."""
+        batch, bs = _ShardBatch(), self.layout.block_size
+        for chunk in plan.chunks:
+            start = len(batch.tokens)
+            for token, pos, slot in zip(chunk.token_ids, chunk.positions, chunk.slots):
+                if self.layout.shard_of_position(chunk, pos) == self.shard:
+                    batch.tokens.append(token)
+                    batch.positions.append(pos)
+                    batch.slots.append(slot - self._slot_base)
+            batch.rows[chunk.request_id] = slice(start, len(batch.tokens))
+            batch.kv_slots[chunk.request_id] = [
+                block * bs + offset - self._slot_base
+                for j, block in enumerate(chunk.block_table) if block // self.layout.blocks_per_shard == self.shard
+                for offset in range(bs) if j * bs + offset < chunk.kv_len
+            ]
+        return batch
+
+    def _meta(self, plan: StepPlan, batch: _ShardBatch) -> LocalStepMeta:
+        segments = [
+            Segment(c.request_id, batch.rows[c.request_id], _ids(batch.kv_slots[c.request_id], self.device),
+                    c.return_attention and c.sample and c.shard == self.shard)
+            for c in plan.chunks
+        ]
+        return LocalStepMeta(_ids(batch.slots, self.device), _ids(batch.positions, self.device), segments, {})
+
+    def _logit_rows(self, plan: StepPlan, batch: _ShardBatch) -> tuple[list[int], dict[str, slice]]:
+        # Project to the vocabulary only the rows someone reads: every local row of a scoring request,
+        # else the last row of a sampling chunk, on the shard that holds it.
+        rows: list[int] = []
+        owners: dict[str, slice] = {}
+        for chunk in plan.chunks:
+            local = batch.rows[chunk.request_id]
+            wanted = list(range(local.start, local.stop)) if chunk.prompt_logprobs else []
+            if chunk.sample and chunk.shard == self.shard and not chunk.prompt_logprobs:
+                wanted = [local.stop - 1]
+            owners[chunk.request_id] = slice(len(rows), len(rows) + len(wanted))
+            rows += wanted
+        return rows, owners
+
+    def _collect(self, plan, batch, logits, owners, meta) -> ForwardOutput:
+        out = ForwardOutput()
+        for chunk in plan.chunks:
+            rid, mine = chunk.request_id, logits[owners[chunk.request_id]]
+            if chunk.prompt_logprobs and mine.shape[0]:
+                out.prompt_logprobs[rid] = _prompt_logprobs(chunk, batch.positions[batch.rows[rid]], mine)
+            if chunk.sample and chunk.shard == self.shard:
+                out.sample_logits[rid] = mine[-1]
+            if rid in meta.attention_rows:
+                out.attention[rid] = _by_position(meta.attention_rows[rid], self.cache, meta, rid)
+        return out
+
+
+class Sampler:
+    """Sampling parameters and seeded generators of every request; turns logits into StepResults."""
+
+    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str = "cpu"):
+        self.eos, self.device = set(eos_token_ids), torch.device(device)
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator] = {}
 
@@ -30,68 +144,70 @@ class Worker:
         self.params.pop(request_id, None)
         self.generators.pop(request_id, None)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        meta, tokens, logit_rows, row_of = self._build_inputs(plan)
-        self.backend.prepare(meta)
-        logits = self.model(tokens, meta.positions, self.backend, meta, logit_rows)  # [R, V]
-        entropy, logprobs = entropy_and_logprobs(logits)
+    def finish(self, plan: StepPlan, output: ForwardOutput) -> StepResult:
         result = StepResult()
         for chunk in plan.chunks:
-            rows = row_of[chunk.request_id]
-            params = self.params[chunk.request_id]
-            if params.prompt_logprobs:
-                # Row i predicts token i+1; the chunk's last row predicts the next chunk's first token.
-                targets = chunk.token_ids[1:] + ([chunk.next_token_id] if chunk.next_token_id is not None else [])
-                picked = logprobs[rows][: len(targets)].gather(1, _ids(targets, logits.device).unsqueeze(1))
-                result.prompt_logprobs[chunk.request_id] = picked.squeeze(1).tolist()
+            rid = chunk.request_id
+            if rid in output.prompt_logprobs:
+                result.prompt_logprobs[rid] = [lp for _, lp in sorted(output.prompt_logprobs[rid])]
             if chunk.sample:
-                last = rows.stop - 1
-                result.sampled[chunk.request_id] = self._sample(chunk, last, logits, logprobs, entropy, meta)
+                result.sampled[rid] = self._sample(chunk, output.sample_logits[rid].to(self.device), output.attention.get(rid))
         return result
 
-    def _sample(self, chunk, row, logits, logprobs, entropy, meta) -> SampledToken:
+    def _sample(self, chunk: ScheduledChunk, logits: torch.Tensor, attention) -> SampledToken:
         params = self.params[chunk.request_id]
         banned = ()
         if chunk.num_generated < params.min_tokens:
-            banned = tuple(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.args.eos_token_ids)))
-        token = sample_row(logits[row], params, self.generators[chunk.request_id], banned)
-        attention = meta.attention_rows.get(chunk.request_id)
-        return SampledToken(
-            token_id=token,
-            logprob=float(logprobs[row, token]),
-            entropy=float(entropy[row]),
-            attention=_by_position(attention, self.cache, chunk) if attention is not None else None,
-        )
+            banned = tuple(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos))
+        entropy, logprobs = entropy_and_logprobs(logits.unsqueeze(0))
+        token = sample_row(logits, params, self.generators[chunk.request_id], banned)
+        return SampledToken(token, float(logprobs[0, token]), float(entropy[0]), attention)
 
-    def _build_inputs(self, plan: StepPlan):
-        tokens, positions, slots, segments = [], [], [], []
-        logit_rows: list[int] = []
-        row_of: dict[str, slice] = {}
-        for chunk in plan.chunks:
-            start = len(tokens)
-            tokens += chunk.token_ids
-            positions += chunk.positions
-            slots += chunk.slots
-            rows = slice(start, len(tokens))
-            params = self.params[chunk.request_id]
-            kv_slots = self.cache.slots_of(chunk.block_table, chunk.kv_len)
-            segments.append(Segment(chunk.request_id, rows, kv_slots, params.return_attention and chunk.sample))
-            # Project to the vocabulary only the rows someone will read: every row of a scoring
-            # request, otherwise just the last row of a chunk that samples.
-            wanted = range(start, len(tokens)) if params.prompt_logprobs else ([len(tokens) - 1] if chunk.sample else [])
-            row_of[chunk.request_id] = slice(len(logit_rows), len(logit_rows) + len(wanted))
-            logit_rows += wanted
-        meta = LocalStepMeta(_ids(slots, self.device), _ids(positions, self.device), segments, {})
-        return meta, _ids(tokens, self.device), _ids(logit_rows, self.device), row_of
+
+class Worker:
+    """The in-process executor: one runner holding all KV, and the sampler."""
+
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+        self.runner = ModelRunner(loaded, ShardLayout(num_blocks, block_size))
+        self.sampler = Sampler(loaded.args.eos_token_ids, loaded.device)
+        self.cache = self.runner.cache
+
+    @property
+    def params(self) -> dict[str, SamplingParams]:
+        return self.sampler.params
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return self.sampler.generators
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        self.sampler.add_request(request_id, params)
+
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.sampler.finish(plan, self.runner.forward(plan))
 
 
 def _ids(values: list[int], device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def _by_position(probs: torch.Tensor, cache: PagedKVCache, chunk) -> list[float]:
+def _prompt_logprobs(chunk: ScheduledChunk, positions: list[int], logits: torch.Tensor) -> list[tuple[int, float]]:
+    """(target position, logprob of the token there) for each local row; row at position p predicts p + 1."""
+    _, logprobs = entropy_and_logprobs(logits)
+    known = dict(zip(chunk.positions, chunk.token_ids))
+    if chunk.next_token_id is not None:
+        known[chunk.positions[-1] + 1] = chunk.next_token_id
+    pairs = [(i, p + 1) for i, p in enumerate(positions) if p + 1 in known]
+    return [(target, float(logprobs[i, known[target]])) for i, target in pairs]
+
+
+def _by_position(probs: torch.Tensor, cache: PagedKVCache, meta: LocalStepMeta, request_id: str) -> list[float]:
     """Attention probabilities re-indexed by position id (storage order is not position order)."""
-    positions = cache.positions[cache.slots_of(chunk.block_table, chunk.kv_len)]
+    segment = next(s for s in meta.segments if s.request_id == request_id)
+    positions = cache.positions[segment.kv_slots]
     dense = torch.zeros(int(positions.max()) + 1, dtype=torch.float32, device=probs.device)
-    dense[positions] = probs
+    dense[positions] = probs.float()
     return dense.tolist()

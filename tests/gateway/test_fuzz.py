@@ -1,0 +1,195 @@
+"""Fuzzing the gateway over its real socket with the real model: random prompts, chats, token ids and
+sampling options, invalid UTF-8 inside string fields, and raw random bytes as request bodies.
+
+Property: every call ends OK or with a status that names the caller's mistake or a limit (_EXPECTED),
+never INTERNAL / UNKNOWN (a server bug) or UNAVAILABLE (a failed engine step); and afterwards the gateway
+still serves a normal request and the engine holds no KV. Each call has a short deadline so a fuzzed
+max_tokens cannot make the run slow: DEADLINE_EXCEEDED is an accepted answer.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+
+from longbow.v1 import generation_pb2 as gen_pb
+from services.client.sdk import LongbowClient
+
+pytestmark = pytest.mark.slow
+
+_EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
+_DEADLINE_S = 3.0
+_METHODS = ("Generate", "GenerateStream", "Score", "Tokenize")
+_VOCAB = 49152  # SmolLM2; the strategies straddle it
+
+
+def _fuzz_settings(examples: int):
+    return settings(max_examples=examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ---- strategies ---------------------------------------------------------------------------------
+# NOTE: drawing every field from its full range makes ~90% of requests fail the first check (NaN
+# temperature, a 4-billion max_tokens) and none reach the model. So each request draws a few fields
+# from their wild range and the rest from a plausible one: most requests then generate, and every
+# wild value still meets otherwise valid requests.
+_U32 = st.integers(0, 2**32 - 1)
+_FLOAT32 = st.floats(width=32, allow_nan=True, allow_infinity=True)  # negatives, subnormals, NaN, inf
+_TEXT = st.text(st.characters(), max_size=40)  # any code point but surrogates: control chars, NUL, emoji
+_TOKEN = st.one_of(st.integers(0, _VOCAB - 1), st.integers(_VOCAB - 2, _VOCAB + 2), _U32)
+_VALID_TOKENS = st.lists(st.integers(0, _VOCAB - 1), min_size=1, max_size=12)
+_CHAT_ROLE = st.sampled_from(["system", "user", "assistant"])
+
+# field -> (plausible, wild)
+_FIELDS = {
+    "max_tokens": (st.integers(1, 8), _U32),
+    "min_tokens": (st.integers(0, 4), _U32),
+    "temperature": (st.one_of(st.just(0.0), st.floats(0, 2, width=32)), _FLOAT32),  # subnormals included
+    "top_p": (st.floats(0, 1, width=32), _FLOAT32),
+    "top_k": (st.integers(0, 100), _U32),
+    "seed": (st.none(), st.integers(0, 2**64 - 1)),
+    "stop": (st.lists(st.text(st.characters(), min_size=1, max_size=6), max_size=2), st.lists(_TEXT, max_size=3)),
+    "stop_token_ids": (st.lists(st.integers(0, _VOCAB - 1), max_size=2), st.lists(_TOKEN, max_size=3)),
+    "role": (_CHAT_ROLE, st.one_of(_CHAT_ROLE, _TEXT)),
+    "token_ids": (_VALID_TOKENS, st.lists(_TOKEN, max_size=12)),
+    "request_id": (st.just(""), _TEXT),
+    "input": (st.sampled_from(["prompt", "chat", "token_ids"]), st.sampled_from(["prompt", "chat", "token_ids", None])),
+    "has_sampling": (st.just(True), st.booleans()),  # no SamplingOptions: the server's default 128 tokens
+}
+
+
+@st.composite
+def generate_requests(draw) -> gen_pb.GenerateRequest:
+    wild = draw(st.sets(st.sampled_from(sorted(_FIELDS)), max_size=3))
+    field = {name: draw(pair[name in wild]) for name, pair in _FIELDS.items()}
+    request = gen_pb.GenerateRequest(request_id=field["request_id"])
+    if field["input"] == "prompt":
+        request.prompt = draw(_TEXT)
+    elif field["input"] == "chat":
+        contents = draw(st.lists(_TEXT, min_size="input" not in wild, max_size=3))
+        request.chat.SetInParent()  # an empty chat is still a chosen oneof
+        request.chat.messages.extend(gen_pb.ChatMessage(role=field["role"], content=c) for c in contents)
+    elif field["input"] == "token_ids":
+        request.token_ids.SetInParent()
+        request.token_ids.ids.extend(field["token_ids"])
+    if field["has_sampling"]:
+        request.sampling.CopyFrom(gen_pb.SamplingOptions(
+            max_tokens=field["max_tokens"], min_tokens=field["min_tokens"], temperature=field["temperature"],
+            top_p=field["top_p"], top_k=field["top_k"], stop=field["stop"], stop_token_ids=field["stop_token_ids"],
+            logprobs=draw(st.booleans()), ignore_eos=draw(st.booleans()), seed=field["seed"]))
+    return request
+
+
+@st.composite
+def score_or_tokenize_requests(draw) -> tuple[str, bytes]:
+    if draw(st.booleans()):
+        return "Tokenize", gen_pb.TokenizeRequest(text=draw(_TEXT), chat=draw(st.booleans())).SerializeToString()
+    if draw(st.booleans()):
+        return "Score", gen_pb.ScoreRequest(text=draw(_TEXT)).SerializeToString()
+    ids = gen_pb.TokenIds(ids=draw(st.lists(_TOKEN, max_size=12)))
+    return "Score", gen_pb.ScoreRequest(token_ids=ids).SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(path: tuple[int, ...], payload: bytes) -> bytes:
+    """Wire bytes of `payload` as the string/bytes field at `path` (field numbers, outermost first)."""
+    for number in reversed(path):
+        payload = _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return payload
+
+
+# Where a GenerateRequest holds strings: prompt, request_id, chat.messages[].role/content, sampling.stop[].
+_STRING_FIELDS = [(1,), (5,), (2, 1, 1), (2, 1, 2), (4, 7)]
+# Never valid UTF-8: a stray 0xFF, a truncated sequence, an encoded surrogate, an overlong '/'.
+_BROKEN_UTF8 = st.tuples(st.binary(max_size=8), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf"]),
+                         st.binary(max_size=8)).map(b"".join)
+
+
+# ---- calls ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def channel(gateway):
+    with grpc.insecure_channel(gateway.address) as opened:
+        yield opened
+
+
+def _status(channel: grpc.Channel, method: str, body: bytes) -> tuple[grpc.StatusCode, str]:
+    """Sends raw request bytes (no serializer) and drains the answer; returns the final status."""
+    path = f"/longbow.v1.Generation/{method}"
+    try:
+        if method == "GenerateStream":
+            for _ in channel.unary_stream(path)(body, timeout=_DEADLINE_S):
+                pass
+        else:
+            channel.unary_unary(path)(body, timeout=_DEADLINE_S)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return grpc.StatusCode.OK, ""
+
+
+def _assert_expected(channel: grpc.Channel, method: str, body: bytes) -> grpc.StatusCode:
+    code, details = _status(channel, method, body)
+    note(f"{method} {body!r} -> {code.name}: {details}")
+    event(f"{method} -> {code.name}")  # --hypothesis-show-statistics: how many calls got how deep
+    assert code in _EXPECTED, f"{method} answered {code.name} ({details}) to {body!r}"
+    return code
+
+
+def _assert_still_serving(gateway) -> None:
+    stats = gateway.wait_until_idle()
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+    with LongbowClient(gateway.address, timeout_s=60) as client:
+        assert client.generate("Hello", max_tokens=2).completion_tokens >= 1
+
+
+# ---- properties -----------------------------------------------------------------------------------
+def test_fuzzed_generate_requests(channel, gateway):
+    @_fuzz_settings(examples=45)
+    @given(request=generate_requests(), method=st.sampled_from(["Generate", "GenerateStream"]))
+    def check(request, method):
+        _assert_expected(channel, method, request.SerializeToString())
+
+    check()
+    _assert_still_serving(gateway)
+
+
+def test_fuzzed_score_and_tokenize_requests(channel, gateway):
+    @_fuzz_settings(examples=10)
+    @given(call=score_or_tokenize_requests())
+    def check(call):
+        _assert_expected(channel, *call)
+
+    check()
+    _assert_still_serving(gateway)
+
+
+def test_invalid_utf8_in_any_string_field_is_invalid_argument(channel, gateway):
+    @_fuzz_settings(examples=10)
+    @given(base=generate_requests(), path=st.sampled_from(_STRING_FIELDS), broken=_BROKEN_UTF8,
+           method=st.sampled_from(["Generate", "GenerateStream"]))
+    def check(base, path, broken, method):
+        body = base.SerializeToString() + _length_delimited(path, broken)  # appended: the last value wins
+        assert _assert_expected(channel, method, body) == grpc.StatusCode.INVALID_ARGUMENT
+
+    check()
+    _assert_still_serving(gateway)
+
+
+def test_random_bytes_as_request_body(channel, gateway):
+    @_fuzz_settings(examples=25)
+    @given(body=st.binary(max_size=200), method=st.sampled_from(_METHODS))
+    def check(body, method):
+        _assert_expected(channel, method, body)
+
+    check()
+    _assert_still_serving(gateway)
