@@ -27,7 +27,14 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from longbow.v1 import generation_pb2 as gen_pb
-from services.client.sdk import AsyncLongbowClient, Generation, LongbowClient, LongbowError, RetryPolicy, build_request
+from services.client.sdk import (
+    AsyncLongbowClient,
+    Generation,
+    LongbowClient,
+    LongbowError,
+    RetryPolicy,
+    build_request,
+)
 
 # Sampling settings a single call may override (`model.invoke(..., max_tokens=8)` or `.bind(...)`).
 _PER_CALL = ("temperature", "max_tokens", "min_tokens", "top_p", "top_k", "seed")
@@ -46,9 +53,11 @@ class _StreamPiece:
 
 
 def _piece(chunk: gen_pb.GenerateChunk) -> _StreamPiece:
-    finished = chunk.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED
-    reason = gen_pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower() if finished else None
-    return _StreamPiece(chunk.text, reason, chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.request_id)
+    reason = None
+    if chunk.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:  # FINISH_REASON_STOP -> "stop"
+        reason = gen_pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
+    usage = chunk.usage
+    return _StreamPiece(chunk.text, reason, usage.prompt_tokens, usage.completion_tokens, chunk.request_id)
 
 
 # NOTE: the SDK's generate_stream drops the usage the last GenerateChunk carries, and LangChain wants
@@ -145,7 +154,8 @@ class _GatewaySettings(BaseModel):
         """The SDK's generate() keyword arguments for one call (None settings take the server default)."""
         unknown = set(overrides) - set(_PER_CALL)
         if unknown:
-            raise TypeError(f"unsupported arguments {sorted(unknown)}; a call may set {list(_PER_CALL)} and stop")
+            allowed = ", ".join(("stop", *_PER_CALL))
+            raise TypeError(f"unsupported arguments {sorted(unknown)}; a call may set {allowed}")
         settings = {name: overrides.get(name, getattr(self, name)) for name in _PER_CALL}
         request = {name: value for name, value in settings.items() if value is not None}
         request["stop"] = [*(self.stop or []), *(stop or [])]
@@ -191,21 +201,22 @@ class LongbowChatModel(_GatewaySettings, BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         if self.streaming:
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        result = self._sync_client().generate(messages=to_chat_messages(messages), **self._request(stop, kwargs))
-        return self._chat_result(result)
+        chat, request = to_chat_messages(messages), self._request(stop, kwargs)
+        return self._chat_result(self._sync_client().generate(messages=chat, **request))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
         if self.streaming:
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
-        client = self._async_client_for_loop()
-        result = await client.generate(messages=to_chat_messages(messages), **self._request(stop, kwargs))
-        return self._chat_result(result)
+        chat, request = to_chat_messages(messages), self._request(stop, kwargs)
+        return self._chat_result(await self._async_client_for_loop().generate(messages=chat, **request))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        pieces = self._sync_client().stream_pieces(messages=to_chat_messages(messages), **self._request(stop, kwargs))
-        for piece in pieces:
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        chat, request = to_chat_messages(messages), self._request(stop, kwargs)
+        for piece in self._sync_client().stream_pieces(messages=chat, **request):
             chunk = self._chat_chunk(piece)
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -214,28 +225,29 @@ class LongbowChatModel(_GatewaySettings, BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        client = self._async_client_for_loop()
-        async for piece in client.stream_pieces(messages=to_chat_messages(messages), **self._request(stop, kwargs)):
+        chat, request = to_chat_messages(messages), self._request(stop, kwargs)
+        async for piece in self._async_client_for_loop().stream_pieces(messages=chat, **request):
             chunk = self._chat_chunk(piece)
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
     def _chat_result(self, result: Generation) -> ChatResult:
-        message = AIMessage(content=result.text, usage_metadata=_usage(result.prompt_tokens, result.completion_tokens),
-                            response_metadata=self._response_metadata(result.finish_reason, result.request_id))
-        return ChatResult(generations=[ChatGeneration(message=message,
-                                                      generation_info={"finish_reason": result.finish_reason})])
+        message = AIMessage(content=result.text,
+                            usage_metadata=_usage(result.prompt_tokens, result.completion_tokens),
+                            response_metadata=self._metadata(result.finish_reason, result.request_id))
+        generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
+        return ChatResult(generations=[generation])
 
     def _chat_chunk(self, piece: _StreamPiece) -> ChatGenerationChunk:
         if piece.finish_reason is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
-        message = AIMessageChunk(content=piece.text, usage_metadata=_usage(piece.prompt_tokens, piece.completion_tokens),
-                                 response_metadata=self._response_metadata(piece.finish_reason, piece.request_id),
-                                 chunk_position="last")
+        message = AIMessageChunk(content=piece.text, chunk_position="last",
+                                 usage_metadata=_usage(piece.prompt_tokens, piece.completion_tokens),
+                                 response_metadata=self._metadata(piece.finish_reason, piece.request_id))
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": piece.finish_reason})
 
-    def _response_metadata(self, finish_reason: str | None, request_id: str) -> dict[str, Any]:
+    def _metadata(self, finish_reason: str | None, request_id: str) -> dict[str, Any]:
         return {"model_name": self.model_name, "finish_reason": finish_reason, "request_id": request_id}
 
 
@@ -259,7 +271,8 @@ class LongbowLLM(_GatewaySettings, LLM):
         return (await self._async_client_for_loop().generate(prompt, **self._request(stop, kwargs))).text
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:
         for piece in self._sync_client().stream_pieces(prompt=prompt, **self._request(stop, kwargs)):
             chunk = self._text_chunk(piece)
             if run_manager:
@@ -269,7 +282,8 @@ class LongbowLLM(_GatewaySettings, LLM):
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        async for piece in self._async_client_for_loop().stream_pieces(prompt=prompt, **self._request(stop, kwargs)):
+        request = self._request(stop, kwargs)
+        async for piece in self._async_client_for_loop().stream_pieces(prompt=prompt, **request):
             chunk = self._text_chunk(piece)
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)

@@ -218,9 +218,12 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._drain_commands(block=not self.engine.has_unfinished())
-            if self.engine.has_unfinished():
-                self._step_and_dispatch()
+            try:
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    self._step_and_dispatch()
+            except Exception:  # never let the engine thread die: every later request would hang
+                log.exception("engine loop error")
         self._fail_all(EngineStoppedError("engine is shut down"))
 
     def _drain_commands(self, block: bool) -> None:
@@ -275,11 +278,19 @@ class AsyncLLMEngine:
         loop, events = target
         if event.finished:
             del self._streams[event.id]
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        _post(loop, events, event)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.scheduler.sequences):
             self.engine.abort(request_id)
         for loop, events in self._streams.values():
-            loop.call_soon_threadsafe(events.put_nowait, error)
+            _post(loop, events, error)
         self._streams.clear()
+
+
+def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, item) -> None:
+    """Hand an item to a caller's event loop; a caller whose loop has closed just misses it (it left)."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+    except RuntimeError:  # "Event loop is closed"
+        pass

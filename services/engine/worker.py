@@ -8,6 +8,7 @@ actor and samples on the driver, so seeded generators live in one place whatever
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,11 +60,13 @@ class _ShardBatch:
 class ModelRunner:
     """The model and the KV of one shard. `backend_factory(cache)` picks local or sequence-parallel attention."""
 
-    def __init__(self, loaded: LoadedModel, layout: ShardLayout, shard: int = 0, backend: AttentionBackend | None = None):
+    def __init__(self, loaded: LoadedModel, layout: ShardLayout, shard: int = 0,
+                 backend_factory: Callable[[PagedKVCache], AttentionBackend] | None = None):
         self.model, self.args, self.device = loaded.model, loaded.args, loaded.device
         self.layout, self.shard = layout, shard
         self.cache = PagedKVCache(loaded.args, layout.blocks_per_shard, layout.block_size, loaded.device, loaded.dtype)
-        self.backend = backend or LocalPagedAttention(self.cache, loaded.args.n_layers)
+        make_backend = backend_factory or (lambda cache: LocalPagedAttention(cache, loaded.args.n_layers))
+        self.backend = make_backend(self.cache)
         self._slot_base = shard * layout.blocks_per_shard * layout.block_size
 
     def forward(self, plan: StepPlan) -> ForwardOutput:

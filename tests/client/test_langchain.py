@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -67,7 +68,8 @@ def chat(gateway) -> LongbowChatModel:
 
 
 def test_messages_map_to_chat_roles():
-    messages = [SystemMessage("be brief"), HumanMessage([{"type": "text", "text": "hi "}, "there"], name="ann"),
+    messages = [SystemMessage("be brief"),
+                HumanMessage([{"type": "text", "text": "hi "}, "there"], name="ann"),
                 AIMessage("hello"), ChatMessage(role="user", content="again")]
     assert to_chat_messages(messages) == [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
@@ -119,17 +121,19 @@ async def test_async_stream_joins_to_async_invoke(chat):
     assert invoked.content == chat.invoke("Say something about the sea.", min_tokens=12).content
 
 
+class _CollectTokens(BaseCallbackHandler):
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.seen.append(token)
+
+
 def test_streaming_flag_routes_invoke_through_the_stream(chat, gateway):
     streaming = LongbowChatModel(target=gateway.address, max_tokens=12, streaming=True)
-    seen = []
-    from langchain_core.callbacks import BaseCallbackHandler
-
-    class Collect(BaseCallbackHandler):
-        def on_llm_new_token(self, token, **kwargs):
-            seen.append(token)
-
-    result = streaming.invoke("Hello there", min_tokens=12, config={"callbacks": [Collect()]})
-    assert result.content == chat.invoke("Hello there", min_tokens=12).content == "".join(seen)
+    tokens = _CollectTokens()
+    result = streaming.invoke("Hello there", min_tokens=12, config={"callbacks": [tokens]})
+    assert result.content == chat.invoke("Hello there", min_tokens=12).content == "".join(tokens.seen)
     assert result.usage_metadata["output_tokens"] == 12
 
 
