@@ -37,6 +37,10 @@ def cmd_serve(args) -> int:
     from services.gateway.server import serve
 
     overrides = {f"gateway__{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.shards is not None:
+        overrides["engine__shards"] = args.shards
+    if args.address is not None:
+        overrides["engine__ray_address"] = args.address
     if args.no_metrics:
         overrides["gateway__metrics_port"] = None
     asyncio.run(serve(load_config(args.config, **overrides)))
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics (default port 9464)")
+    serve.add_argument("--shards", type=int, help="Ray actors splitting each sequence (0: in-process engine, the default)")
+    serve.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
     serve.set_defaults(fn=cmd_serve)
     gen = sub.add_parser("generate", help="generate text from a prompt (embedded engine, or a server with --address)")
     gen.add_argument("prompt")

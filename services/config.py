@@ -41,6 +41,11 @@ class EngineConfig:
     max_queue: int = 1024  # waiting requests before CapacityError
     policy: str = "splitfuse"  # or "prefill_first"
     max_model_len: int | None = None  # None: the model's own context length
+    shards: int = 0  # 0: in-process worker; N >= 1: N Ray actors splitting every sequence
+    ray_address: str = ""  # empty: start a local Ray; else join that cluster ("auto", "ray://...")
+    cpus_per_shard: float = 1.0
+    step_timeout_s: float = 120.0  # a step slower than this fails (a shard is presumed lost)
+    collective_timeout_s: float = 60.0  # gloo/NCCL timeout: a lost peer fails, never hangs
 
 
 @dataclass
@@ -74,6 +79,8 @@ _ENV_KEYS = {
     "LONGBOW_NUM_BLOCKS": ("engine", "num_blocks", int),
     "LONGBOW_MAX_SEQS": ("engine", "max_seqs", int),
     "LONGBOW_POLICY": ("engine", "policy", str),
+    "LONGBOW_SHARDS": ("engine", "shards", int),
+    "LONGBOW_RAY_ADDRESS": ("engine", "ray_address", str),
     "LONGBOW_HOST": ("gateway", "host", str),
     "LONGBOW_PORT": ("gateway", "port", int),
     "LONGBOW_METRICS_PORT": ("gateway", "metrics_port", int),

@@ -68,13 +68,22 @@ class LLMEngine:
         # every earlier key; rather than serve silently different attention we cap the context there.
         limits = [args.max_position_embeddings, cfg.max_model_len, args.sliding_window]
         self.max_model_len = min(x for x in limits if x)
-        self.worker = Worker(self.loaded, cfg.num_blocks, cfg.block_size)
+        self.worker = self._make_executor()
         self.scheduler = make_scheduler(
             cfg.policy, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
             token_budget=cfg.token_budget, max_seqs=cfg.max_seqs, eos_ids=args.eos_token_ids,
+            num_shards=max(1, cfg.shards),
         )
         self._ids = itertools.count()
         self.steps = 0
+
+    def _make_executor(self):
+        cfg = self.config.engine
+        if cfg.shards == 0:
+            return Worker(self.loaded, cfg.num_blocks, cfg.block_size)
+        from services.shards.group import ShardGroup  # Ray only when shards are asked for
+
+        return ShardGroup(self.config, self.loaded.args, cfg.shards)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -98,13 +107,32 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        result = self.worker.execute(plan)
+        try:
+            result = self.worker.execute(plan)
+        except EngineError as exc:
+            return self._fail_running(exc)
         events = self.scheduler.update(plan, result)
         for event in events:
             if event.finished:
                 self.worker.release(event.id)
         self.steps += 1
         return events
+
+    def _fail_running(self, error: EngineError) -> list[TokenEvent]:
+        """A lost shard lost the KV of every running request: fail those (retriable), keep the queue."""
+        log.warning("step failed (%s); failing %d running requests", error, len(self.scheduler.running))
+        events = []
+        for seq in list(self.scheduler.running):
+            self.scheduler.abort(seq.request_id)
+            self.worker.release(seq.request_id)
+            events.append(TokenEvent(seq.request_id, None, finished=True, reason=FinishReason.ERROR, error=str(error)))
+        if hasattr(self.worker, "recover"):
+            self.worker.recover()
+        return events
+
+    def shutdown(self) -> None:
+        if hasattr(self.worker, "shutdown"):
+            self.worker.shutdown()
 
     # ---- conveniences --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
@@ -182,6 +210,9 @@ class AsyncLLMEngine:
                 event = await events.get()
                 if isinstance(event, Exception):
                     raise event
+                if event.reason == FinishReason.ERROR:
+                    finished = True
+                    raise EngineError(event.error or "request failed")
                 yield event
                 if event.finished:
                     finished = True
@@ -206,6 +237,7 @@ class AsyncLLMEngine:
         self._stopped.set()
         self._commands.put(("wake", concurrent.futures.Future()))
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # ---- engine thread -------------------------------------------------------------------------
     def _submit(self, command: tuple) -> concurrent.futures.Future:

@@ -107,7 +107,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = backend.attend(self.layer, q, k, v, meta)  # [T, Hq, D]
-        return self.o_proj(out.to(x.dtype).reshape(t, -1))
+        return self.o_proj(out.to(x.dtype).reshape(t, a.n_heads * a.head_dim))  # T may be 0 on a shard
 
 
 class FeedForward(nn.Module):

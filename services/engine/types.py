@@ -72,6 +72,7 @@ class TokenEvent:
     prompt_logprobs: list[float] | None = None  # only on the first event when asked for
     finished: bool = False
     reason: FinishReason | None = None
+    error: str | None = None  # why, when reason is ERROR (a lost shard: retriable)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""N shard actors forming one engine replica, with the same interface as the in-process Worker.
+
+Each step is one `forward` call per shard (gathered together, no per-actor blocking get); the driver
+merges the outputs and samples. A shard that dies fails the step promptly (collectives time out, a dead
+actor's result errors at once), the in-flight requests get a retriable error, and the group rebuilds
+itself: new actors, a new process group on a new port.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from services.config import LongbowConfig
+from services.engine.errors import EngineError
+from services.engine.model import ModelArgs
+from services.engine.types import SamplingParams, StepPlan, StepResult
+from services.engine.worker import ForwardOutput, Sampler
+from services.shards.worker import ShardWorker
+
+log = logging.getLogger(__name__)
+
+
+class ShardFailureError(EngineError):
+    """A shard died or timed out during a step; the requests in flight may be retried."""
+
+
+class ShardGroup:
+    def __init__(self, config: LongbowConfig, args: ModelArgs, num_shards: int):
+        self.config, self.num_shards = config, num_shards
+        cfg = config.engine
+        self.step_timeout_s, self.collective_timeout_s = cfg.step_timeout_s, cfg.collective_timeout_s
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        self.sampler = Sampler(args.eos_token_ids)
+        self.recoveries = 0
+        self.actors: list = []
+        self._placement = None
+        self._start()
+
+    # ---- the Worker interface ------------------------------------------------------------------
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        self.sampler.add_request(request_id, params)
+
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+
+    @property
+    def params(self):
+        return self.sampler.params
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        refs = [actor.forward.remote(plan) for actor in self.actors]
+        merged = ForwardOutput()
+        for output in self._gather(refs):
+            merged.merge(output)
+        return self.sampler.finish(plan, merged)
+
+    def recover(self) -> None:
+        """Replace every actor and form a new process group (survivors may be stuck in a collective)."""
+        self.shutdown()
+        self._start()
+        self.recoveries += 1
+
+    def stats(self) -> list[dict]:
+        return self._gather([actor.stats.remote() for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self._placement is not None:
+            remove_placement_group(self._placement)
+        self.actors, self._placement = [], None
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        cpus = self.config.engine.cpus_per_shard
+        self._placement = placement_group([{"CPU": cpus}] * self.num_shards, strategy="PACK")
+        ray.get(self._placement.ready(), timeout=120)
+        remote = ray.remote(ShardWorker)
+        self.actors = [
+            remote.options(num_cpus=cpus, max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._placement, placement_group_bundle_index=rank)).remote(self.config, rank, self.num_shards)
+            for rank in range(self.num_shards)
+        ]
+        host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=300)
+        ray.get([a.join.remote(host, port, self.collective_timeout_s) for a in self.actors], timeout=300)
+        log.info("shard group ready: %d shards, rendezvous %s:%d", self.num_shards, host, port)
+
+    def _gather(self, refs: list) -> list:
+        """All results, failing fast: a dead shard's ref errors at once while its peers would wait
+        for their collective timeout."""
+        deadline = time.monotonic() + self.step_timeout_s
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise GetTimeoutError(f"shard step exceeded {self.step_timeout_s} s")
+                ray.get(ready[0])  # raises now if that shard failed
+            return ray.get(refs)
+        except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+            raise ShardFailureError(f"shard failure: {type(exc).__name__}: {str(exc)[:200]}") from exc
