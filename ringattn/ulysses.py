@@ -88,6 +88,17 @@ class _LocalAttention(torch.nn.Module):
         return packed.unsqueeze(0)
 
 
+def _skip_shm_comm_build() -> None:
+    # NOTE: on CPU, deepspeed.comm JIT-compiles a shared-memory allreduce extension on first init. Every
+    # rank builds it at once under one file lock in ~/.cache/torch_extensions: minutes on 2 cores, and a
+    # process killed mid-build leaves the lock behind so later inits wait forever (seen in CI: gloo
+    # timeouts on the ranks that were not building). Ulysses only uses all-to-all, which does not need
+    # it, so we mark the op unavailable and deepspeed falls back to plain torch.distributed.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class _DeepSpeedExchange:
     """Runs the four all-to-alls through deepspeed's DistributedAttention."""
 
@@ -96,6 +107,7 @@ class _DeepSpeedExchange:
         from deepspeed.sequence.layer import DistributedAttention
 
         if not deepspeed.comm.is_initialized():
+            _skip_shm_comm_build()
             deepspeed.comm.init_distributed(dist_backend=dist.get_backend(group), verbose=False)
         self.local = _LocalAttention()
         group = group if group is not None else dist.group.WORLD

@@ -44,6 +44,7 @@ class EngineConfig:
     shards: int = 0  # 0: in-process worker; N >= 1: N Ray actors splitting every sequence
     ray_address: str = ""  # empty: start a local Ray; else join that cluster ("auto", "ray://...")
     cpus_per_shard: float = 1.0
+    placement_timeout_s: float = 120.0  # waiting for Ray to place the shards before giving up
     step_timeout_s: float = 120.0  # a step slower than this fails (a shard is presumed lost)
     collective_timeout_s: float = 60.0  # gloo/NCCL timeout: a lost peer fails, never hangs
 

@@ -90,7 +90,7 @@ def _chunk(c: gen_pb.GenerateChunk) -> GenerationChunk:
     return GenerationChunk(c.text, list(c.token_ids), _FINISH[c.finish_reason], [t.logprob for t in c.tokens])
 
 
-def _channel_args(target: str, token: str, root_certificates: bytes | None, aio: bool):
+def _open_channel(target: str, root_certificates: bytes | None, aio: bool):
     make = grpc.aio if aio else grpc
     if root_certificates is not None:
         return make.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
@@ -102,7 +102,7 @@ class LongbowClient:
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
                  timeout_s: float | None = 120.0, retry: RetryPolicy | None = None):
-        self._channel = _channel_args(target, token, root_certificates, aio=False)
+        self._channel = _open_channel(target, root_certificates, aio=False)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -161,7 +161,7 @@ class AsyncLongbowClient:
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
                  timeout_s: float | None = 120.0, retry: RetryPolicy | None = None):
-        self._channel = _channel_args(target, token, root_certificates, aio=True)
+        self._channel = _open_channel(target, root_certificates, aio=True)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()

@@ -155,11 +155,15 @@ class LLMEngine:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {
+        stats = {
             "waiting": len(s.waiting), "running": len(s.running), "steps": self.steps,
             "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.pool.num_blocks,
             "preemptions": s.num_preemptions,
         }
+        if hasattr(self.worker, "stats"):  # the Ray shard group: per-shard counters
+            stats["shards"] = self.worker.stats()
+            stats["shard_recoveries"] = self.worker.recoveries
+        return stats
 
     def _validate(self, request: Request) -> None:
         ids, params, cfg = request.token_ids, request.params, self.config.engine
@@ -203,7 +207,13 @@ class AsyncLLMEngine:
         """Yields the request's events; leaving early (cancel, disconnect) aborts it and frees its KV."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         added = self._submit(("add", request, loop, events))
-        await asyncio.wrap_future(added)  # raises the engine's validation error, if any
+        try:
+            await asyncio.wrap_future(added)  # raises the engine's validation error, if any
+        except asyncio.CancelledError:
+            # Cancelled while the add was queued: the engine may have added it anyway (it was already
+            # running the command); an abort behind it in the queue makes sure nothing is left.
+            self._submit(("abort", request.id))
+            raise
         finished = False
         try:
             while True:
@@ -272,6 +282,8 @@ class AsyncLLMEngine:
 
     def _apply(self, command: tuple) -> None:
         kind, *args, future = command
+        if not future.set_running_or_notify_cancel():  # the caller gave up while this was queued
+            return
         try:
             if kind == "add":
                 request, loop, events = args

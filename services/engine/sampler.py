@@ -39,14 +39,22 @@ def sample_row(
         logits[list(banned)] = float("-inf")
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Subtract the max before dividing: a tiny temperature (1e-40) would otherwise overflow logits to
+    # inf and softmax to NaN; this way it tends to greedy, as it should.
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         logits = _top_p_filter(logits, params.top_p)
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # e.g. every token banned: nothing sensible to draw
+        raise SamplingError("no token can be sampled: the distribution is empty or not finite")
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class SamplingError(RuntimeError):
+    """One request's distribution cannot be sampled; only that request fails."""
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -147,6 +147,11 @@ class Scheduler:
         events = []
         for chunk in plan.chunks:
             seq = self.sequences[chunk.request_id]
+            if chunk.request_id in result.failed:
+                self._finish(seq)
+                events.append(TokenEvent(seq.request_id, None, finished=True, reason=FinishReason.ERROR,
+                                         error=result.failed[chunk.request_id]))
+                continue
             start = seq.num_computed
             seq.num_computed += len(chunk.token_ids)
             self._record_prompt_logprobs(seq, start, result.prompt_logprobs.get(chunk.request_id, []))

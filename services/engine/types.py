@@ -120,3 +120,4 @@ class StepResult:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     # request id -> logprobs of the chunk's tokens given their prefixes (first prompt token excluded)
     prompt_logprobs: dict[str, list[float]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> why it alone failed this step

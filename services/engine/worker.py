@@ -154,7 +154,11 @@ class Sampler:
             if rid in output.prompt_logprobs:
                 result.prompt_logprobs[rid] = [lp for _, lp in sorted(output.prompt_logprobs[rid])]
             if chunk.sample:
-                result.sampled[rid] = self._sample(chunk, output.sample_logits[rid].to(self.device), output.attention.get(rid))
+                try:
+                    result.sampled[rid] = self._sample(chunk, output.sample_logits[rid].to(self.device),
+                                                       output.attention.get(rid))
+                except Exception as exc:  # one request's bad distribution must not fail its batch-mates
+                    result.failed[rid] = f"sampling failed: {exc}"
         return result
 
     def _sample(self, chunk: ScheduledChunk, logits: torch.Tensor, attention) -> SampledToken:

@@ -20,6 +20,13 @@ class GatewayMetrics:
         self.kv_usage = Gauge("longbow_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self.preemptions = Gauge("longbow_preemptions", "Preemptions since start", registry=r)
         self.tokens = Counter("longbow_generated_tokens", "Generated tokens", registry=r)
+        shard = ["shard"]
+        self.shard_steps = Gauge("longbow_shard_steps", "Steps run by each shard", shard, registry=r)
+        self.shard_step_seconds = Gauge("longbow_shard_step_seconds", "Time in steps per shard", shard, registry=r)
+        self.shard_bytes = Gauge("longbow_shard_bytes_sent", "Attention bytes sent per shard", shard, registry=r)
+        self.shard_rss = Gauge("longbow_shard_peak_rss_bytes", "Peak resident memory per shard", shard, registry=r)
+        self.shard_schedules = Gauge("longbow_shard_schedule_choices", "Attention schedule choices per shard",
+                                     ["shard", "schedule"], registry=r)
 
     def record_status(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method=method, code=code.name).inc()
@@ -28,6 +35,14 @@ class GatewayMetrics:
         self.queue_depth.set(stats["waiting"])
         self.kv_usage.set(stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"]))
         self.preemptions.set(stats["preemptions"])
+        for shard in stats.get("shards", []):
+            rank = str(shard["rank"])
+            self.shard_steps.labels(rank).set(shard["steps"])
+            self.shard_step_seconds.labels(rank).set(shard["step_seconds"])
+            self.shard_bytes.labels(rank).set(shard["bytes_sent"])
+            self.shard_rss.labels(rank).set(shard["peak_rss_bytes"])
+            for schedule, count in shard["schedules"].items():
+                self.shard_schedules.labels(rank, schedule).set(count)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -43,6 +43,8 @@ class ShardedPagedAttention(LocalPagedAttention):
             name, _ = costmodel.choose_schedule(self.shape, q_pos, k_pos, self.hardware, ("tokenring", "ring"))
         self.schedules[request_id] = name
         self.schedule_counts[name] = self.schedule_counts.get(name, 0) + 1
+        log.debug("request=%s schedule=%s queries=%s keys=%s", request_id, name,
+                  [int(p.numel()) for p in q_pos], [int(p.numel()) for p in k_pos])
 
     def prepare(self, meta: LocalStepMeta) -> None:
         self.cache.positions[meta.slots] = meta.positions

@@ -9,6 +9,7 @@ itself: new actors, a new process group on a new port.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ray
@@ -36,8 +37,11 @@ class ShardGroup:
         cfg = config.engine
         self.step_timeout_s, self.collective_timeout_s = cfg.step_timeout_s, cfg.collective_timeout_s
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address or None, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # A local Ray registers os.cpu_count() CPUs; ask for enough bundles' worth so N shards can
+            # always be placed on one machine (they then share its cores).
+            local_cpus = None if cfg.ray_address else max(os.cpu_count() or 1, num_shards * cfg.cpus_per_shard)
+            ray.init(address=cfg.ray_address or None, num_cpus=local_cpus, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
         self.sampler = Sampler(args.eos_token_ids)
         self.recoveries = 0
         self.actors: list = []
@@ -82,7 +86,15 @@ class ShardGroup:
     def _start(self) -> None:
         cpus = self.config.engine.cpus_per_shard
         self._placement = placement_group([{"CPU": cpus}] * self.num_shards, strategy="PACK")
-        ray.get(self._placement.ready(), timeout=120)
+        try:
+            ray.get(self._placement.ready(), timeout=self.config.engine.placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self._placement)
+            self._placement = None
+            available = ray.cluster_resources().get("CPU", 0)
+            raise ShardFailureError(
+                f"cannot place {self.num_shards} shards x {cpus} CPU on this Ray cluster ({available:g} CPUs); "
+                "lower --shards or engine.cpus_per_shard, or add nodes") from None
         remote = ray.remote(ShardWorker)
         self.actors = [
             remote.options(num_cpus=cpus, max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(

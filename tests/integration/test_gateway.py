@@ -172,3 +172,22 @@ def test_grpclib_client_talks_to_the_server(gateway):
 
     response = asyncio.run(call())
     assert len(response.token_ids) >= 1 and response.usage.prompt_tokens > 0
+
+
+def test_tls_when_certificates_are_given(loaded_model, tokenizer, tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    secured = RunningGateway(loaded_model, tokenizer, tls_cert=str(cert), tls_key=str(key))
+    try:
+        with LongbowClient(secured.address, root_certificates=cert.read_bytes()) as tls_client:
+            assert tls_client.generate("hello over TLS", max_tokens=2).completion_tokens >= 1
+        with LongbowClient(secured.address, retry=None, timeout_s=5) as plaintext:
+            with pytest.raises(LongbowError) as err:
+                plaintext.generate("no TLS", max_tokens=2)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        secured.close()

@@ -26,13 +26,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# NOTE: ranks outside a subgroup wait in the next collective while their peers run a whole batch of
+# cases (tens of seconds on a loaded 2-core machine), so the timeout is generous; a hang still fails.
+COLLECTIVE_TIMEOUT_S = 180
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=60),
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         results.put((rank, "ok", fn(rank, world_size, *args)))
     except BaseException:
@@ -42,7 +47,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             dist.destroy_process_group()
 
 
-def run_processes(fn: Callable, world_size: int, *args: Any, timeout_s: float = 150.0) -> list[Any]:
+def run_processes(fn: Callable, world_size: int, *args: Any, timeout_s: float = 400.0) -> list[Any]:
     """fn(rank, world_size, *args) on world_size spawned processes; returns results in rank order.
 
     fn must be importable (module level). Raises RuntimeError with the first rank's traceback.

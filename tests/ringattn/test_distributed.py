@@ -19,7 +19,8 @@ from tests.ringattn.multiprocess import run_processes
 WORLD_SIZES = (1, 2, 3, 4)
 COST_MODEL_NAME = {"decode_pass_q": "tokenring"}
 
-pytestmark = pytest.mark.slow
+# the module fixture (4 processes running every case) counts toward the first test's timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def run_all_cases(rank: int, world_size: int) -> dict[str, tuple[float, float, dict]]:

@@ -105,3 +105,30 @@ def test_killed_shard_fails_in_flight_request_promptly_and_group_recovers(ray_se
         assert engine.stats()["kv_blocks_used"] == 0
     finally:
         engine.shutdown()
+
+
+def test_shard_metrics_reach_prometheus(ray_session, loaded_model, prompts):
+    from services.gateway.metrics import GatewayMetrics
+    from prometheus_client import generate_latest
+
+    engine = LLMEngine(_config(2), loaded_model)
+    try:
+        engine.generate(prompts[:2], SamplingParams(max_tokens=3, min_tokens=3))
+        metrics = GatewayMetrics()
+        metrics.record_engine(engine.stats())
+    finally:
+        engine.shutdown()
+    text = generate_latest(metrics.registry).decode()
+    for rank in ("0", "1"):
+        assert f'longbow_shard_bytes_sent{{shard="{rank}"}}' in text
+    assert 'schedule="decode_pass_q"' in text
+
+
+def test_unplaceable_group_is_a_clear_error(ray_session, loaded_model):
+    from services.shards.group import ShardFailureError
+
+    config = _config(2)
+    config.engine.cpus_per_shard = 64  # more than the test cluster has
+    config.engine.placement_timeout_s = 2
+    with pytest.raises(ShardFailureError, match="cannot place 2 shards"):
+        LLMEngine(config, loaded_model)
