@@ -36,7 +36,8 @@ class ShardGroup:
         self.config, self.num_shards = config, num_shards
         cfg = config.engine
         self.step_timeout_s, self.collective_timeout_s = cfg.step_timeout_s, cfg.collective_timeout_s
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             # A local Ray registers os.cpu_count() CPUs; ask for enough bundles' worth so N shards can
             # always be placed on one machine (they then share its cores).
             local_cpus = None if cfg.ray_address else max(os.cpu_count() or 1, num_shards * cfg.cpus_per_shard)
@@ -68,7 +69,7 @@ class ShardGroup:
 
     def recover(self) -> None:
         """Replace every actor and form a new process group (survivors may be stuck in a collective)."""
-        self.shutdown()
+        self._stop_actors()
         self._start()
         self.recoveries += 1
 
@@ -76,6 +77,15 @@ class ShardGroup:
         return self._gather([actor.stats.remote() for actor in self.actors])
 
     def shutdown(self) -> None:
+        if self._owns_ray:
+            # NOTE: the Ray we started goes with everything in it. Removing the placement group first
+            # hung `longbow serve` on SIGTERM (seen: remove_placement_group never returned).
+            self.actors, self._placement = [], None
+            ray.shutdown()
+            return
+        self._stop_actors()
+
+    def _stop_actors(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self._placement is not None:
