@@ -25,15 +25,6 @@ class PagedKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)  # [S]
 
-    def slots_of(self, block_table: list[int], kv_len: int) -> torch.Tensor:
-        """Flat slot ids [kv_len] of a request's first kv_len cached tokens, in table order."""
-        blocks = torch.tensor(block_table, dtype=torch.int64, device=self.positions.device)
-        offsets = torch.arange(self.block_size, device=blocks.device)
-        return (blocks.unsqueeze(1) * self.block_size + offsets).flatten()[:kv_len]
-
-    def bytes_per_token(self) -> int:
-        return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
-
 
 @dataclass
 class Segment:
@@ -73,10 +64,14 @@ class LocalPagedAttention(AttentionBackend):
             if q_pos.numel() and k_pos.numel() and int(k_pos.max()) > int(q_pos.min()):
                 seg.visible = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [Tq, Tk]
 
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: LocalStepMeta) -> None:
+        """Write the step's new K/V [T, Hkv, D] into their slots."""
+        self.cache.k[layer, meta.slots] = k
+        self.cache.v[layer, meta.slots] = v
+
     def attend(self, layer, q, k, v, meta: LocalStepMeta) -> torch.Tensor:
         cache = self.cache
-        cache.k[layer, meta.slots] = k
-        cache.v[layer, meta.slots] = v
+        self.store(layer, k, v, meta)
         out = torch.empty_like(q)  # [T, Hq, D]
         for seg in meta.segments:
             where = seg.kv_range if seg.kv_range is not None else seg.kv_slots

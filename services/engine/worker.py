@@ -54,7 +54,7 @@ class _ShardBatch:
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)  # local slots on this shard
     rows: dict[str, slice] = field(default_factory=dict)
-    kv_slots: dict[str, list[int]] = field(default_factory=dict)
+    kv_slots: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -89,16 +89,22 @@ class ModelRunner:
                     batch.positions.append(pos)
                     batch.slots.append(slot - self._slot_base)
             batch.rows[chunk.request_id] = slice(start, len(batch.tokens))
-            batch.kv_slots[chunk.request_id] = [
-                block * bs + offset - self._slot_base
-                for j, block in enumerate(chunk.block_table) if block // self.layout.blocks_per_shard == self.shard
-                for offset in range(bs) if j * bs + offset < chunk.kv_len
-            ]
+            batch.kv_slots[chunk.request_id] = self._local_kv_slots(chunk)
         return batch
+
+    def _local_kv_slots(self, chunk: ScheduledChunk) -> torch.Tensor:
+        """Local slots [Tk_local] of the request's first kv_len tokens held here, in block-table order."""
+        bs = self.layout.block_size
+        blocks = torch.tensor(chunk.block_table, dtype=torch.int64, device=self.device)  # [B]
+        offsets = torch.arange(bs, device=self.device)
+        positions = torch.arange(len(chunk.block_table), device=self.device).unsqueeze(1) * bs + offsets  # [B, bs]
+        slots = blocks.unsqueeze(1) * bs + offsets - self._slot_base  # [B, bs]
+        here = (blocks // self.layout.blocks_per_shard == self.shard).unsqueeze(1) & (positions < chunk.kv_len)
+        return slots[here]
 
     def _meta(self, plan: StepPlan, batch: _ShardBatch) -> LocalStepMeta:
         segments = [
-            Segment(c.request_id, batch.rows[c.request_id], _ids(batch.kv_slots[c.request_id], self.device),
+            Segment(c.request_id, batch.rows[c.request_id], batch.kv_slots[c.request_id],
                     c.return_attention and c.sample and c.shard == self.shard)
             for c in plan.chunks
         ]

@@ -35,24 +35,27 @@ class ShardedPagedAttention(LocalPagedAttention):
         self.schedules: dict[str, str] = {}  # request id -> schedule for the current step
         self.schedule_counts: dict[str, int] = {}
 
+    def choose_decode(self, request_id: str) -> None:
+        """One query token: pass-Q moves bytes independent of the KV length."""
+        self._record(request_id, "decode_pass_q")
+
     def choose(self, request_id: str, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> None:
         """Called with every rank's query and KV positions of one request (all ranks agree)."""
-        if sum(p.numel() for p in q_pos) <= 1:
-            name = "decode_pass_q"  # one query token: pass-Q moves bytes independent of KV length
-        else:
-            name, _ = costmodel.choose_schedule(self.shape, q_pos, k_pos, self.hardware, ("tokenring", "ring"))
-        self.schedules[request_id] = name
-        self.schedule_counts[name] = self.schedule_counts.get(name, 0) + 1
+        name, _ = costmodel.choose_schedule(self.shape, q_pos, k_pos, self.hardware, ("tokenring", "ring"))
+        self._record(request_id, name)
         log.debug("request=%s schedule=%s queries=%s keys=%s", request_id, name,
                   [int(p.numel()) for p in q_pos], [int(p.numel()) for p in k_pos])
+
+    def _record(self, request_id: str, name: str) -> None:
+        self.schedules[request_id] = name
+        self.schedule_counts[name] = self.schedule_counts.get(name, 0) + 1
 
     def prepare(self, meta: LocalStepMeta) -> None:
         self.cache.positions[meta.slots] = meta.positions
 
     def attend(self, layer, q, k, v, meta: LocalStepMeta) -> torch.Tensor:
         cache = self.cache
-        cache.k[layer, meta.slots] = k
-        cache.v[layer, meta.slots] = v
+        self.store(layer, k, v, meta)
         out = torch.empty_like(q)  # [T_local, Hq, D]
         for seg in meta.segments:
             keys, values = cache.k[layer, seg.kv_slots], cache.v[layer, seg.kv_slots]  # [Tk_local, Hkv, D]

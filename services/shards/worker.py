@@ -60,7 +60,10 @@ class ShardWorker:
         start = time.perf_counter()
         if isinstance(self.backend, ShardedPagedAttention):
             for chunk in plan.chunks:
-                self.backend.choose(chunk.request_id, *self._positions_by_rank(chunk))
+                if len(chunk.token_ids) == 1:
+                    self.backend.choose_decode(chunk.request_id)  # no need to look at the KV layout
+                else:
+                    self.backend.choose(chunk.request_id, *self._positions_by_rank(chunk))
         output = self.runner.forward(plan)
         counter = getattr(self.backend, "counter", None)
         if counter is not None:  # keep totals, not every message: the server runs for weeks
@@ -72,15 +75,14 @@ class ShardWorker:
         return output
 
     def _positions_by_rank(self, chunk) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        layout, n = self.layout, self.world_size
-        q = [[] for _ in range(n)]
-        for p in chunk.positions:
-            q[layout.shard_of_position(chunk, p)].append(p)
-        k = [[] for _ in range(n)]
-        for p in range(chunk.kv_len):
-            k[layout.shard_of_position(chunk, p)].append(p)
-        as_tensor = lambda ps: torch.tensor(ps, dtype=torch.int64)  # noqa: E731
-        return [as_tensor(p) for p in q], [as_tensor(p) for p in k]
+        """Every rank's query positions and KV positions of one chunk's request."""
+        bs, per_shard = self.layout.block_size, self.layout.blocks_per_shard
+        blocks = torch.tensor(chunk.block_table, dtype=torch.int64)
+        q_pos = torch.tensor(chunk.positions, dtype=torch.int64)
+        k_pos = torch.arange(chunk.kv_len, dtype=torch.int64)
+        q_rank, k_rank = blocks[q_pos // bs] // per_shard, blocks[k_pos // bs] // per_shard
+        ranks = range(self.world_size)
+        return [q_pos[q_rank == r] for r in ranks], [k_pos[k_rank == r] for r in ranks]
 
     def stats(self) -> dict:
         return {
