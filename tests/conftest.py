@@ -34,15 +34,19 @@ def hf_model(loaded_model):
 class RunningGateway:
     """A real gateway on 127.0.0.1 (free port), its own asyncio loop on a thread, the real model."""
 
-    def __init__(self, loaded_model, tokenizer, **gateway_overrides):
+    def __init__(self, loaded_model, tokenizer, store_url: str = "", **gateway_overrides):
         import asyncio
+        import tempfile
         import threading
 
-        from services.config import EngineConfig, GatewayConfig, LongbowConfig
+        from services.config import EngineConfig, GatewayConfig, LongbowConfig, RagConfig
         from services.engine.engine import AsyncLLMEngine, LLMEngine
 
         gateway = GatewayConfig(port=0, metrics_port=0, **gateway_overrides)
-        self.config = LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=256), gateway=gateway)
+        self._data_dir = tempfile.TemporaryDirectory(prefix="longbow-gw-")
+        rag = RagConfig(store_url=store_url, data_dir=self._data_dir.name)
+        self.config = LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=256),
+                                    gateway=gateway, rag=rag)
         self.engine = AsyncLLMEngine(LLMEngine(self.config, loaded_model))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -80,6 +84,18 @@ class RunningGateway:
         self.engine.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self._data_dir.cleanup()
+
+
+@pytest.fixture(scope="session")
+def engine_lm(loaded_model, tokenizer):
+    """`rag.lm.LM` over a synchronous in-process engine on the real model (one per test session)."""
+    from services.config import EngineConfig, LongbowConfig
+    from services.engine.engine import LLMEngine
+    from services.engine.lm import EngineLM
+
+    config = LongbowConfig(engine=EngineConfig(token_budget=256, block_size=16, num_blocks=512))
+    return EngineLM(LLMEngine(config, loaded_model), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +103,43 @@ def gateway(loaded_model, tokenizer):
     running = RunningGateway(loaded_model, tokenizer)
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free loopback port for this test session (no persistence).
+    Yields its URL. Fails (does not skip) when redis-server is missing: .ci/run installs it."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server not found: apt-get install -y redis-server (.ci/run does)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tempfile.TemporaryDirectory(prefix="longbow-redis-")
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--dir", workdir.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(500):  # the server accepts connections within ~10 ms; bounded wait, then fail loudly
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            process.poll()
+            assert process.returncode is None, "redis-server exited at start"
+            import time
+
+            time.sleep(0.01)
+    else:
+        raise AssertionError("redis-server did not answer PING within 5 s")
+    yield url
+    client.close()
+    process.terminate()
+    process.wait(10)
+    workdir.cleanup()

@@ -17,15 +17,13 @@ import grpc
 
 from longbow.v1 import generation_pb2 as gen_pb
 from longbow.v1 import generation_pb2_grpc, server_info_pb2, server_info_pb2_grpc
+from services.client.errors import LongbowError
+from services.client.code_assist import AsyncCodeAssistCalls, CodeAssistCalls
+from services.client.retrieval import AsyncRetrievalCalls, RetrievalCalls
+from services.client.sessions import AsyncSessionCalls, SessionCalls
 
 _FINISH = {gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_STOP: "stop",
            gen_pb.FINISH_REASON_ABORT: "abort", gen_pb.FINISH_REASON_UNSPECIFIED: None}
-
-
-class LongbowError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code, self.message = code, message
 
 
 @dataclass
@@ -97,7 +95,7 @@ def _open_channel(target: str, root_certificates: bytes | None, aio: bool):
     return make.insecure_channel(target)
 
 
-class LongbowClient:
+class LongbowClient(RetrievalCalls, CodeAssistCalls, SessionCalls):
     """Blocking client. `with LongbowClient("host:port") as c: c.generate("Hi")`."""
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
@@ -156,7 +154,7 @@ class LongbowClient:
                 time.sleep(delay)
 
 
-class AsyncLongbowClient:
+class AsyncLongbowClient(AsyncRetrievalCalls, AsyncCodeAssistCalls, AsyncSessionCalls):
     """asyncio client with the same methods as LongbowClient (awaitable / async iterators)."""
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from longbow.v1 import (
-    code_assist_pb2_grpc,
     generation_pb2 as gen_pb,
     generation_pb2_grpc,
-    retrieval_pb2_grpc,
     server_info_pb2 as info_pb,
     server_info_pb2_grpc,
-    sessions_pb2_grpc,
 )
 from services.gateway import convert
 from services.gateway.generation import GenerationInput, GenerationService
@@ -49,38 +46,3 @@ class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
 
     async def GetServerInfo(self, request, context):
         return self.info
-
-
-def _unimplemented(issue: str):
-    async def method(self, request, context):
-        raise NotImplementedError(f"not implemented yet: arrives with {issue}")
-
-    return method
-
-
-def _unimplemented_stream(issue: str):
-    async def method(self, request, context):
-        raise NotImplementedError(f"not implemented yet: arrives with {issue}")
-        yield  # pragma: no cover - makes this an async generator
-
-    return method
-
-
-class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
-    Ingest = _unimplemented_stream("the RAG front end")
-    Delete = _unimplemented("the RAG front end")
-    Query = _unimplemented("the RAG front end")
-    QueryStream = _unimplemented_stream("the RAG front end")
-
-
-class CodeAssistServicer(code_assist_pb2_grpc.CodeAssistServicer):
-    GetContext = _unimplemented("typed-hole code context")
-    Complete = _unimplemented("typed-hole code context")
-    UpdateFiles = _unimplemented("typed-hole code context")
-
-
-class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
-    OpenSession = _unimplemented("PIE edit sessions")
-    ApplyEdits = _unimplemented("PIE edit sessions")
-    Predict = _unimplemented("PIE edit sessions")
-    CloseSession = _unimplemented("PIE edit sessions")

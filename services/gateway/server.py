@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import dataclasses
 from dataclasses import dataclass
 
 import grpc
@@ -28,15 +29,15 @@ from longbow.v1 import (
 )
 from services.config import LongbowConfig
 from services.engine.engine import AsyncLLMEngine
-from services.gateway import handlers
+from services.gateway import code_assist, handlers, retrieval, sessions
 from services.gateway.errors import ErrorInterceptor
 from services.gateway.generation import GenerationService
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
 
 _DESCRIPTORS = [generation_pb2, retrieval_pb2, code_assist_pb2, sessions_pb2, server_info_pb2]
-IMPLEMENTED = ["longbow.v1.Generation", "longbow.v1.ServerInfoService"]
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -48,6 +49,7 @@ class Gateway:
     engine: AsyncLLMEngine
     generation: GenerationService
     health: health.aio.HealthServicer
+    servicers: list = dataclasses.field(default_factory=list)
     _metrics_task: asyncio.Task | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -55,18 +57,33 @@ class Gateway:
             self._metrics_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for servicer in self.servicers:
+            await servicer.close()
 
 
 def _service_names() -> list[str]:
     return [s.full_name for module in _DESCRIPTORS for s in module.DESCRIPTOR.services_by_name.values()]
 
 
-def _server_info(config: LongbowConfig, engine: AsyncLLMEngine) -> server_info_pb2.ServerInfo:
+def implemented_services(servicers: list) -> list[str]:
+    """Full names of the services whose servicer defines every RPC itself (not the generated stubs)."""
+    names = []
+    for servicer in servicers:
+        base = type(servicer).__mro__[1]
+        for module in _DESCRIPTORS:
+            for service in module.DESCRIPTOR.services_by_name.values():
+                if base.__name__ == f"{service.name}Servicer" and all(
+                        m.name in vars(type(servicer)) for m in service.methods):
+                    names.append(service.full_name)
+    return names
+
+
+def _server_info(config: LongbowConfig, engine: AsyncLLMEngine, implemented: list[str]) -> server_info_pb2.ServerInfo:
     e = engine.engine
     return server_info_pb2.ServerInfo(
         version=longbow.__version__, model=config.model.name_or_path, max_context_tokens=e.max_model_len,
         scheduler=config.engine.policy, token_budget=config.engine.token_budget,
-        kv_capacity_tokens=config.engine.num_blocks * config.engine.block_size, implemented_services=IMPLEMENTED,
+        kv_capacity_tokens=config.engine.num_blocks * config.engine.block_size, implemented_services=implemented,
     )
 
 
@@ -78,12 +95,17 @@ async def start_gateway(config: LongbowConfig, engine: AsyncLLMEngine, tokenizer
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     generation = GenerationService(engine, tokenizer, gw, metrics)
-    generation_pb2_grpc.add_GenerationServicer_to_server(handlers.GenerationServicer(generation), server)
-    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(
-        handlers.ServerInfoServicer(_server_info(config, engine)), server)
-    retrieval_pb2_grpc.add_RetrievalServicer_to_server(handlers.RetrievalServicer(), server)
-    code_assist_pb2_grpc.add_CodeAssistServicer_to_server(handlers.CodeAssistServicer(), server)
-    sessions_pb2_grpc.add_SessionsServicer_to_server(handlers.SessionsServicer(), server)
+    runtime = GatewayRuntime(config, engine, tokenizer, metrics, asyncio.get_running_loop())
+    servicers = [retrieval.create_servicer(runtime), code_assist.create_servicer(runtime),
+                 sessions.create_servicer(runtime)]
+    generation_servicer = handlers.GenerationServicer(generation)
+    info = _server_info(config, engine, implemented_services([generation_servicer, *servicers]) + [
+        "longbow.v1.ServerInfoService"])
+    generation_pb2_grpc.add_GenerationServicer_to_server(generation_servicer, server)
+    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(handlers.ServerInfoServicer(info), server)
+    retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicers[0], server)
+    code_assist_pb2_grpc.add_CodeAssistServicer_to_server(servicers[1], server)
+    sessions_pb2_grpc.add_SessionsServicer_to_server(servicers[2], server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = _service_names()
@@ -93,7 +115,7 @@ async def start_gateway(config: LongbowConfig, engine: AsyncLLMEngine, tokenizer
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(gw.metrics_port, gw.host) if gw.metrics_port is not None else None
-    gateway = Gateway(server, port, metrics_port, engine, generation, health_servicer)
+    gateway = Gateway(server, port, metrics_port, engine, generation, health_servicer, servicers)
     gateway._metrics_task = asyncio.create_task(_refresh_metrics(generation))
     log.info("gateway listening on %s:%d (metrics %s, auth %s, tls %s)", gw.host, port, metrics_port,
              bool(gw.auth_token), bool(gw.tls_cert))

@@ -1,0 +1,105 @@
+"""`rag.lm.LM` over the engine: `EngineLM` drives a synchronous `LLMEngine` (tests, scripts, benchmarks);
+`AsyncEngineLM` submits to the gateway's `AsyncLLMEngine` from worker threads, so RAG work shares the
+engine's batches with every other request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+from rag.lm import LM, LMGeneration
+from services.engine.engine import AsyncLLMEngine, Completion, LLMEngine
+from services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
+from services.engine.types import Request, SamplingParams
+
+
+class _TokenizerMixin:
+    tokenizer = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded.input_ids), [tuple(span) for span in encoded.offset_mapping]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+
+def _params(max_tokens: int, temperature: float, return_attention: bool) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, return_attention=return_attention)
+
+
+def _to_generation(completion: Completion, text: str, reason: str) -> LMGeneration:
+    return LMGeneration(completion.token_ids, text, completion.logprobs, completion.entropies,
+                        completion.attention, reason)
+
+
+class EngineLM(_TokenizerMixin, LM):
+    """The in-process synchronous engine. Not thread-safe (neither is LLMEngine)."""
+
+    def __init__(self, engine: LLMEngine, tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_context = engine.max_model_len
+
+    def token_logprobs(self, token_ids: list[int]) -> list[float]:
+        return self.engine.score(token_ids)
+
+    def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False):
+        rid = self.engine.new_request_id()
+        self.engine.add_request(Request(rid, list(prompt_ids), _params(max_tokens, temperature, return_attention)))
+        completion, detok, matcher = Completion(rid), IncrementalDetokenizer(self.tokenizer), StopStringMatcher(stop or [])
+        text = ""
+        while completion.finish_reason is None:
+            for event in self.engine.step():
+                if event.id != rid:
+                    continue
+                completion.add(event)
+                if event.token_id is not None:
+                    text += matcher.feed(detok.push(event.token_id))
+                if matcher.stopped and completion.finish_reason is None:
+                    self.engine.abort(rid)
+                    return _to_generation(completion, text, "stop")
+        return _to_generation(completion, text + matcher.flush(), completion.finish_reason.value)
+
+
+class AsyncEngineLM(_TokenizerMixin, LM):
+    """The gateway's engine, called synchronously from threads other than the event loop's."""
+
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, loop: asyncio.AbstractEventLoop):
+        self.engine, self.tokenizer, self.loop = engine, tokenizer, loop
+        self.max_context = engine.engine.max_model_len
+        self._ids = iter(range(1 << 62))
+        self._lock = threading.Lock()
+
+    def _request_id(self) -> str:
+        with self._lock:
+            return f"rag-{next(self._ids)}"
+
+    def _run(self, coroutine):
+        if threading.get_ident() == getattr(self.loop, "_thread_id", None):
+            coroutine.close()
+            raise RuntimeError("AsyncEngineLM must be called from a worker thread, not the event loop")
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def token_logprobs(self, token_ids: list[int]) -> list[float]:
+        request = Request(self._request_id(), list(token_ids), SamplingParams(max_tokens=0, prompt_logprobs=True))
+        return self._run(self.engine.generate(request)).prompt_logprobs or []
+
+    def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False):
+        request = Request(self._request_id(), list(prompt_ids), _params(max_tokens, temperature, return_attention))
+        return self._run(self._generate(request, stop or []))
+
+    async def _generate(self, request: Request, stop: list[str]) -> LMGeneration:
+        completion, parts = Completion(request.id), []
+        async with contextlib.aclosing(stream_text(self.engine, self.tokenizer, request, stop)) as deltas:
+            async for delta in deltas:
+                completion.add(delta.event)
+                parts.append(delta.text)
+        reason = completion.finish_reason.value if completion.finish_reason else ""
+        return _to_generation(completion, "".join(parts), reason)
