@@ -9,6 +9,7 @@ never constructs one.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -54,9 +55,11 @@ class LM(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], *, max_tokens: int, stop: list[str] | None = None,
-                 temperature: float = 0.0, return_attention: bool = False) -> LMGeneration:
+                 temperature: float = 0.0, return_attention: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> LMGeneration:
         """Continue prompt_ids. Greedy at temperature 0. Generation ends at EOS, max_tokens or a stop
-        string (not included in `text`)."""
+        string (not included in `text`). on_text, when given, receives the text as it is produced
+        (the deltas concatenate to `text`)."""
 
     def next_token_logprobs(self, prompt_ids: list[int], candidates: list[int]) -> list[float]:
         """logprob of each candidate token right after prompt_ids. Default: one scoring pass each."""

@@ -11,7 +11,7 @@ import threading
 from rag.lm import LM, LMGeneration
 from services.engine.engine import AsyncLLMEngine, Completion, LLMEngine
 from services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
-from services.engine.types import Request, SamplingParams
+from services.engine.types import FinishReason, Request, SamplingParams
 
 
 class _TokenizerMixin:
@@ -50,7 +50,8 @@ class EngineLM(_TokenizerMixin, LM):
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         return self.engine.score(token_ids)
 
-    def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False):
+    def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False, on_text=None):
+        emit = on_text or (lambda text: None)
         rid = self.engine.new_request_id()
         self.engine.add_request(Request(rid, list(prompt_ids), _params(max_tokens, temperature, return_attention)))
         completion, detok, matcher = Completion(rid), IncrementalDetokenizer(self.tokenizer), StopStringMatcher(stop or [])
@@ -60,12 +61,16 @@ class EngineLM(_TokenizerMixin, LM):
                 if event.id != rid:
                     continue
                 completion.add(event)
-                if event.token_id is not None:
-                    text += matcher.feed(detok.push(event.token_id))
+                delta = matcher.feed(detok.push(event.token_id)) if event.token_id is not None else ""
                 if matcher.stopped and completion.finish_reason is None:
                     self.engine.abort(rid)
-                    return _to_generation(completion, text, "stop")
-        return _to_generation(completion, text + matcher.flush(), completion.finish_reason.value)
+                    completion.finish_reason = FinishReason.STOP
+                elif completion.finish_reason is not None:
+                    delta += matcher.flush()
+                if delta:
+                    emit(delta)
+                    text += delta
+        return _to_generation(completion, text, completion.finish_reason.value)
 
 
 class AsyncEngineLM(_TokenizerMixin, LM):
@@ -91,15 +96,17 @@ class AsyncEngineLM(_TokenizerMixin, LM):
         request = Request(self._request_id(), list(token_ids), SamplingParams(max_tokens=0, prompt_logprobs=True))
         return self._run(self.engine.generate(request)).prompt_logprobs or []
 
-    def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False):
+    def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False, on_text=None):
         request = Request(self._request_id(), list(prompt_ids), _params(max_tokens, temperature, return_attention))
-        return self._run(self._generate(request, stop or []))
+        return self._run(self._generate(request, stop or [], on_text))
 
-    async def _generate(self, request: Request, stop: list[str]) -> LMGeneration:
+    async def _generate(self, request: Request, stop: list[str], on_text) -> LMGeneration:
         completion, parts = Completion(request.id), []
         async with contextlib.aclosing(stream_text(self.engine, self.tokenizer, request, stop)) as deltas:
             async for delta in deltas:
                 completion.add(delta.event)
                 parts.append(delta.text)
+                if on_text and delta.text:
+                    on_text(delta.text)  # NOTE: runs on the event loop thread; keep it cheap (a queue put)
         reason = completion.finish_reason.value if completion.finish_reason else ""
         return _to_generation(completion, "".join(parts), reason)

@@ -31,8 +31,10 @@ def test_generate_stops_on_string_and_returns_attention(engine_lm):
     full = engine_lm.generate(prompt, max_tokens=40)
     assert full.token_ids and len(full.entropies) == len(full.token_ids)
     stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
-    cut = engine_lm.generate(prompt, max_tokens=40, stop=[stop], return_attention=True)
+    pieces = []
+    cut = engine_lm.generate(prompt, max_tokens=40, stop=[stop], return_attention=True, on_text=pieces.append)
     assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
+    assert "".join(pieces) == cut.text and len(pieces) > 1
     assert len(cut.attention) == len(cut.token_ids)
     for i, row in enumerate(cut.attention):
         assert len(row) == len(prompt) + i and math.isclose(sum(row), 1.0, abs_tol=1e-3)
