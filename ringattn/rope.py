@@ -40,9 +40,12 @@ def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [T, D] fp32 for integer (or float) positions [T]."""
-    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device).unsqueeze(0)  # [T, D/2]
+    # NOTE: angles in fp64, then cos/sin rounded to fp32. An fp32 product pos * theta is off by up to
+    # ~6e-8 * pos radians, so a key rotated at p then moved by d (PIE) differed from a key rotated at
+    # p + d by 2.7e-5 at p ~ 300 (layer-0 keys of SmolLM2); in fp64 the two agree within 1e-6.
+    angles = positions.double().unsqueeze(-1) * inv_freq.to(positions.device, torch.float64).unsqueeze(0)  # [T, D/2]
     angles = torch.cat([angles, angles], dim=-1)  # [T, D]
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
