@@ -1,0 +1,186 @@
+"""Edit sessions: a document's KV kept alive in the engine across edits (PIE), predictions at a cursor.
+
+Text in, text out (like text.py): character edits become token-span replacements (edits.py), which
+become KV updates (pie.py). Every method runs on the engine thread (through `AsyncLLMEngine.call`);
+sessions share the engine's KV blocks with requests. Idle sessions expire and free their KV; a drift
+budget (tokens changed since the last full encode) marks a session for a re-encode, which the caller
+runs after answering (the gateway queues it behind the reply).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.config import SessionsConfig
+from services.engine.edits import TokenizedText, apply_edit
+from services.engine.engine import LLMEngine
+from services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
+from services.engine.pie import DocumentKV, UpdateMode
+
+log = logging.getLogger(__name__)
+
+MAX_PREDICT_TOKENS = 256
+LINE_TOKENS = 64  # a "rest of the line" prediction stops here if no newline came
+
+
+@dataclass(frozen=True)
+class TextEdit:
+    """Replace characters [start, end) of the current text with `text` (insert: start == end)."""
+
+    start: int
+    end: int
+    text: str
+
+
+@dataclass
+class EditOutcome:
+    tokens: int
+    tokens_encoded: int  # tokens run through the model by these edits (the rest were re-positioned)
+    seconds: float
+    reencode_due: bool  # the drift budget is spent: call reencode() soon
+
+
+@dataclass
+class Session:
+    session_id: str
+    client: str
+    document: TokenizedText
+    kv: DocumentKV
+    idle_timeout_s: float
+    last_used: float
+    mode: UpdateMode = UpdateMode.PIE
+    changed_since_encode: int = 0
+    edits_since_encode: int = 0
+
+
+class SessionManager:
+    def __init__(self, engine: LLMEngine, tokenizer, config: SessionsConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.config, self.clock = config or SessionsConfig(), clock
+        self.sessions: dict[str, Session] = {}
+        self.reencodes = 0
+        self._ids = itertools.count()
+        self.eos = set(engine.loaded.args.eos_token_ids)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def open(self, text: str, client: str = "", idle_timeout_s: float = 0.0,
+             mode: UpdateMode = UpdateMode.PIE) -> Session:
+        self.expire()
+        self._check_limits(client)
+        document = TokenizedText.of(self.tokenizer, text)
+        self._check_size(len(document.token_ids))
+        kv = DocumentKV(self.engine.worker.runner, self.engine.scheduler.pool, self.engine.config.engine.token_budget)
+        try:
+            kv.encode(list(document.token_ids))
+        except BaseException:
+            kv.release()
+            raise
+        session_id = f"s{next(self._ids)}-{secrets.token_hex(6)}"
+        timeout = idle_timeout_s or self.config.idle_timeout_s
+        session = Session(session_id, client, document, kv, timeout, self.clock(), mode)
+        self.sessions[session_id] = session
+        log.debug("session %s opened: %d tokens", session_id, len(document.token_ids))
+        return session
+
+    def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            raise UnknownRequestError(f"unknown session {session_id!r} (closed or expired)")
+        session.kv.release()
+
+    def expire(self) -> list[str]:
+        """Close sessions idle longer than their timeout; returns their ids."""
+        now = self.clock()
+        gone = [s.session_id for s in self.sessions.values() if now - s.last_used > s.idle_timeout_s]
+        for session_id in gone:
+            self.close(session_id)
+        return gone
+
+    def close_all(self) -> None:
+        for session_id in list(self.sessions):
+            self.close(session_id)
+
+    # ---- edits and predictions -----------------------------------------------------------------
+    def apply_edits(self, session_id: str, edits: list[TextEdit]) -> EditOutcome:
+        """Apply edits in order, each against the text left by the previous one. All or nothing for
+        validation: a bad edit anywhere is refused before any KV changes."""
+        session = self._get(session_id)
+        planned = self._plan(session.document, edits)
+        began, encoded = time.perf_counter(), 0
+        for edit in planned:
+            stats = session.kv.replace(edit.start, edit.end, list(edit.new_ids), session.mode)
+            encoded += stats.tokens_encoded
+            session.changed_since_encode += len(edit.new_ids) + (edit.end - edit.start)
+            session.edits_since_encode += 1
+        session.document = planned[-1].after if planned else session.document
+        due = session.mode == UpdateMode.PIE and session.changed_since_encode > self.config.drift_budget_tokens
+        return EditOutcome(len(session.document.token_ids), encoded, time.perf_counter() - began, due)
+
+    def reencode(self, session_id: str) -> bool:
+        """Full re-encode of a session whose drift budget is spent (exact KV again). False when the
+        session is gone or no longer due (closed, or re-encoded already)."""
+        session = self.sessions.get(session_id)
+        if session is None or session.changed_since_encode <= self.config.drift_budget_tokens:
+            return False
+        session.kv.encode(list(session.document.token_ids))
+        session.changed_since_encode = session.edits_since_encode = 0
+        self.reencodes += 1
+        return True
+
+    def predict(self, session_id: str, cursor: int, max_tokens: int = 0) -> str:
+        """Greedy continuation of the text before `cursor`. max_tokens 0: up to the end of the line."""
+        session = self._get(session_id)
+        document = session.document
+        if not 0 <= cursor <= len(document.text):
+            raise InvalidRequestError(f"cursor {cursor} is outside the text (0..{len(document.text)})")
+        if max_tokens > MAX_PREDICT_TOKENS:
+            raise InvalidRequestError(f"max_tokens must be at most {MAX_PREDICT_TOKENS}")
+        prefix = document.tokens_before(cursor)
+        partial = document.text[document.spans[prefix][0]: cursor] if prefix < len(document.spans) else ""
+        extra = list(self.tokenizer(partial, add_special_tokens=False).input_ids) if partial else []
+        self._check_size(prefix + len(extra) + (max_tokens or LINE_TOKENS))
+        until_newline = (lambda ids: "\n" in self._decode(ids)) if max_tokens == 0 else None
+        ids = session.kv.predict(prefix, extra, max_tokens or LINE_TOKENS, self.eos, until_newline)
+        text = self._decode(ids)
+        return text.split("\n", 1)[0] if max_tokens == 0 else text
+
+    def text(self, session_id: str) -> str:
+        return self._get(session_id).document.text
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise UnknownRequestError(f"unknown session {session_id!r} (closed or expired)")
+        session.last_used = self.clock()
+        return session
+
+    def _plan(self, document: TokenizedText, edits: list[TextEdit]):
+        planned = []
+        for edit in edits:
+            step = apply_edit(self.tokenizer, document, edit.start, edit.end, edit.text)
+            planned.append(step)
+            document = step.after
+        self._check_size(len(document.token_ids))
+        return planned
+
+    def _check_limits(self, client: str) -> None:
+        if len(self.sessions) >= self.config.max_sessions:
+            raise CapacityError(f"too many open sessions ({self.config.max_sessions})")
+        mine = sum(1 for s in self.sessions.values() if s.client == client)
+        if mine >= self.config.max_sessions_per_client:
+            raise CapacityError(f"this client has {mine} open sessions (limit {self.config.max_sessions_per_client})")
+
+    def _check_size(self, tokens: int) -> None:
+        limit = min(self.config.max_document_tokens, self.engine.max_model_len)
+        if tokens > limit:
+            raise PromptTooLongError(f"document of {tokens} tokens exceeds the session limit of {limit}")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
