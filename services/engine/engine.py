@@ -241,7 +241,12 @@ class AsyncLLMEngine:
 
     async def call(self, fn, *args):
         """Run fn(engine, *args) on the engine thread (stats, admin) and return its result."""
-        return await asyncio.wrap_future(self._submit(("call", fn, args)))
+        return await asyncio.wrap_future(self.call_soon(fn, *args))
+
+    def call_soon(self, fn, *args) -> concurrent.futures.Future:
+        """Queue fn(engine, *args) on the engine thread now, behind everything already queued, without
+        waiting (background work such as a session re-encode)."""
+        return self._submit(("call", fn, args))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()

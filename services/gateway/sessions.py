@@ -1,15 +1,90 @@
-"""PIE edit-session RPCs. Placeholder until sessions land."""
+"""Edit-session RPCs (PIE): decode, run one SessionManager call on the engine thread, encode.
+
+The SessionManager lives on the engine thread (its KV is the engine's); every call goes through
+`AsyncLLMEngine.call`. A drift re-encode is queued behind the reply so ApplyEdits answers first.
+Clients are told apart by the `x-client-id` metadata, else by their peer address (per-client limits).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
+from longbow.v1 import sessions_pb2 as pb
 from longbow.v1 import sessions_pb2_grpc
+from services.engine.errors import InvalidRequestError
+from services.engine.pie import UpdateMode
+from services.engine.sessions import SessionManager, TextEdit
 from services.gateway.runtime import GatewayRuntime
+
+log = logging.getLogger(__name__)
+
+_MODES = {pb.UPDATE_MODE_UNSPECIFIED: UpdateMode.PIE, pb.UPDATE_MODE_PIE: UpdateMode.PIE,
+          pb.UPDATE_MODE_FULL: UpdateMode.FULL, pb.UPDATE_MODE_CONFLICT: UpdateMode.CONFLICT}
+EXPIRY_PERIOD_S = 5.0
 
 
 class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
+    def __init__(self, runtime: GatewayRuntime):
+        self.engine = runtime.engine
+        self.manager = SessionManager(runtime.engine.engine, runtime.tokenizer, runtime.config.sessions)
+        self._expiry = runtime.loop.create_task(self._expire_forever())
+
+    async def OpenSession(self, request, context):
+        mode = _MODES.get(request.update_mode)
+        if mode is None:
+            raise InvalidRequestError(f"unknown update_mode {request.update_mode}")
+        session = await self._call(SessionManager.open, request.text, _client(context),
+                                   float(request.idle_timeout_s), mode)
+        return pb.OpenSessionResponse(session_id=session.session_id, tokens=len(session.document.token_ids))
+
+    async def ApplyEdits(self, request, context):
+        edits = [TextEdit(e.start, e.end, e.text) for e in request.edits]
+        outcome = await self._call(SessionManager.apply_edits, request.session_id, edits)
+        if outcome.reencode_due:
+            # Queued on the engine thread now, before the reply leaves: the client's next call on this
+            # session runs after it (commands are FIFO) and sees exact KV again. The reply does not wait.
+            done = self.engine.call_soon(lambda engine: self.manager.reencode(request.session_id))
+            done.add_done_callback(_log_failure)
+        return pb.ApplyEditsResponse(tokens=outcome.tokens, tokens_encoded=outcome.tokens_encoded,
+                                     update_seconds=outcome.seconds, reencode_scheduled=outcome.reencode_due)
+
+    async def Predict(self, request, context):
+        text = await self._call(SessionManager.predict, request.session_id, request.cursor, request.max_tokens)
+        return pb.PredictResponse(text=text)
+
+    async def CloseSession(self, request, context):
+        await self._call(SessionManager.close, request.session_id)
+        return pb.CloseSessionResponse()
+
     async def close(self) -> None:
-        pass
+        self._expiry.cancel()
+        with contextlib.suppress(Exception):
+            await self._call(SessionManager.close_all)
+
+    async def _call(self, method, *args):
+        return await self.engine.call(lambda engine: method(self.manager, *args))
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_PERIOD_S)
+            with contextlib.suppress(Exception):
+                await self._call(SessionManager.expire)
+
+
+def _log_failure(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("background session re-encode failed: %s", future.exception())
+
+
+def _client(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-client-id":
+            return value
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:5555 -> ipv4:127.0.0.1
 
 
 def create_servicer(runtime: GatewayRuntime) -> SessionsServicer:
-    return SessionsServicer()
+    return SessionsServicer(runtime)
