@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ringattn.rope import rotate_keys_by
 from services.engine.model import AttentionBackend, ModelArgs
 
 
@@ -24,6 +25,23 @@ class PagedKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)  # [S]
+
+    def shift(self, slots: torch.Tensor, delta: int, inv_freq: torch.Tensor, rotate: bool = True) -> None:
+        """PIE: move the tokens in `slots` by `delta` positions. Position ids always; keys re-rotated by
+        delta in every layer at once when `rotate` (values never change)."""
+        if slots.numel() == 0 or delta == 0:
+            return
+        self.positions[slots] += delta
+        if rotate:
+            keys = self.k[:, slots]  # [L, T, Hkv, D]
+            moved = rotate_keys_by(keys.reshape(-1, *keys.shape[2:]), delta, inv_freq)  # [L*T, Hkv, D]
+            self.k[:, slots] = moved.view_as(keys)
+
+    def copy(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """K, V and position ids of `source` slots into `target` slots (a forked document)."""
+        for table in (self.k, self.v):
+            table[:, target] = table[:, source]
+        self.positions[target] = self.positions[source]
 
 
 @dataclass

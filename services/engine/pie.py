@@ -8,22 +8,24 @@ tokens but leaves later keys unrotated (fast, wrong relative positions).
 
 Token ids only; runs on the engine thread. Blocks come from the scheduler's BlockPool, so documents and
 requests share (and are limited by) one KV capacity. Storage order is free: positions are data
-(DESIGN.md), so inserted tokens take any free slot.
+(DESIGN.md), so inserted tokens take any free slot, on any shard. The KV is reached through the
+executor's slot interface (`forward`, `shift_slots`, `copy_slots`, `read_keys`), which the in-process
+Worker and the Ray ShardGroup both offer: on N shards each shard rotates the keys it holds and the
+forward passes attend across shards with a ringattn schedule.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ringattn.rope import rotate_keys_by
 from services.engine.errors import CapacityError
-from services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, Segment
 from services.engine.scheduler import BlockPool, blocks_for
-from services.engine.worker import ModelRunner
+from services.engine.types import ScheduledChunk, StepPlan
 
 
 class UpdateMode(str, enum.Enum):
@@ -43,17 +45,18 @@ class UpdateStats:
 class DocumentKV:
     """Token ids of a document and the cache slot of each; token k's cached position is k."""
 
-    def __init__(self, runner: ModelRunner, pool: BlockPool, chunk_tokens: int = 512):
-        if not isinstance(runner.backend, LocalPagedAttention):
-            # NOTE: the shard group's runners sit in Ray actors; PIE there needs the encode/rotate calls
-            # forwarded per shard (each rotates the slots it holds). Not built yet: refuse clearly.
-            raise NotImplementedError("edit sessions need the in-process engine (engine.shards = 0)")
-        self.runner, self.pool, self.chunk_tokens = runner, pool, chunk_tokens
-        self.cache = runner.cache
+    def __init__(self, executor, pool: BlockPool, block_size: int, chunk_tokens: int = 512):
+        self.executor, self.pool, self.block_size, self.chunk_tokens = executor, pool, block_size, chunk_tokens
         self.token_ids: list[int] = []
         self.slots: list[int] = []
         self.blocks: list[int] = []
         self._free: list[int] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    def for_engine(cls, engine, chunk_tokens: int | None = None) -> "DocumentKV":
+        cfg = engine.config.engine
+        return cls(engine.worker, engine.scheduler.pool, cfg.block_size, chunk_tokens or cfg.token_budget)
 
     # ---- whole-document encoding ---------------------------------------------------------------
     def encode(self, token_ids: list[int]) -> UpdateStats:
@@ -63,6 +66,20 @@ class DocumentKV:
         self.token_ids, self.slots = [], []
         self._encode_at(0, list(token_ids))
         return UpdateStats(len(token_ids), 0, time.perf_counter() - began)
+
+    def fork(self) -> "DocumentKV":
+        """An independent copy (its own slots, K/V copied, no model pass): try edits side by side.
+        Each copied slot sits on the same shard as its source, so the copy never crosses shards."""
+        twin = DocumentKV(self.executor, self.pool, self.block_size, self.chunk_tokens)
+        try:
+            mapping: dict[int, int] = {}
+            twin.slots = [twin._slot_like(slot, mapping) for slot in self.slots]
+        except BaseException:
+            twin.release()
+            raise
+        self.executor.copy_slots(list(self.slots), list(twin.slots))
+        twin.token_ids = list(self.token_ids)
+        return twin
 
     def release(self) -> None:
         self.pool.release(self.blocks)
@@ -84,7 +101,8 @@ class DocumentKV:
         later_slots = self.slots[end:]
         self._free += self.slots[start:end]
         self.token_ids[start:end], self.slots[start:end] = [], []
-        self._shift(later_slots, delta, rotate=mode == UpdateMode.PIE)
+        if later_slots and delta:
+            self.executor.shift_slots(later_slots, delta, mode == UpdateMode.PIE)
         self._insert_encoded(start, list(new_ids))
         return UpdateStats(len(new_ids), len(later_slots), time.perf_counter() - began)
 
@@ -107,9 +125,9 @@ class DocumentKV:
             while len(generated) < max_tokens:
                 slots = self._take(len(feed))
                 scratch += slots
-                logits = self._forward(feed, list(range(position, position + len(feed))), slots, visible, last_only=True)
+                logits = self._forward(feed, list(range(position, position + len(feed))), slots, visible, sample=True)
                 visible, position = visible + slots, position + len(feed)
-                token = int(torch.argmax(logits[-1]))
+                token = int(torch.argmax(logits))
                 if token in stop_ids:
                     break
                 generated.append(token)
@@ -122,10 +140,12 @@ class DocumentKV:
 
     def keys(self, layer: int) -> torch.Tensor:
         """[T, Hkv, D] cached keys of the document in token order (tests, diagnostics)."""
-        return self.cache.k[layer, torch.tensor(self.slots, dtype=torch.int64)]
+        by_slot = self.executor.read_keys(layer, list(self.slots))
+        return torch.stack([by_slot[slot] for slot in self.slots])
 
     def positions(self) -> list[int]:
-        return self.cache.positions[torch.tensor(self.slots, dtype=torch.int64)].tolist()
+        by_slot = self.executor.read_positions(list(self.slots))
+        return [by_slot[slot] for slot in self.slots]
 
     # ---- internals -----------------------------------------------------------------------------
     def _encode_at(self, start: int, token_ids: list[int]) -> None:
@@ -134,8 +154,7 @@ class DocumentKV:
         for lo in range(0, len(token_ids), self.chunk_tokens):
             chunk = token_ids[lo: lo + self.chunk_tokens]
             slots = self._take(len(chunk))
-            positions = list(range(start + lo, start + lo + len(chunk)))
-            self._forward(chunk, positions, slots, list(self.slots), last_only=None)
+            self._forward(chunk, list(range(start + lo, start + lo + len(chunk))), slots, list(self.slots))
             self.token_ids += chunk
             self.slots += slots
 
@@ -146,7 +165,7 @@ class DocumentKV:
             chunk = new_ids[lo: lo + self.chunk_tokens]
             slots = self._take(len(chunk))
             positions = list(range(start + lo, start + lo + len(chunk)))
-            self._forward(chunk, positions, slots, self.slots[:start] + new_slots, last_only=None)
+            self._forward(chunk, positions, slots, self.slots[:start] + new_slots)
             new_slots += slots
         self.token_ids[start:start] = new_ids
         self.slots[start:start] = new_slots
@@ -155,41 +174,45 @@ class DocumentKV:
         self._free += self.slots[keep:]
         del self.token_ids[keep:], self.slots[keep:]
 
-    def _shift(self, slots: list[int], delta: int, rotate: bool) -> None:
-        """Move cached tokens by `delta` positions: position ids always, keys only when `rotate`."""
-        if not slots or delta == 0:
-            return
-        index = torch.tensor(slots, dtype=torch.int64, device=self.cache.k.device)
-        self.cache.positions[index] += delta
-        if rotate:
-            keys = self.cache.k[:, index]  # [L, T, Hkv, D]
-            layers, t = keys.shape[:2]
-            moved = rotate_keys_by(keys.reshape(layers * t, *keys.shape[2:]), delta, self.runner.model.inv_freq)
-            self.cache.k[:, index] = moved.view_as(keys)
-
     def _take(self, n: int) -> list[int]:
-        """n free slots, allocating blocks from the shared pool when the document's own run out."""
-        bs = self.cache.block_size
+        """n free slots, allocating blocks from the shared pool when the document's own run out
+        (round robin over shards, like requests' blocks)."""
         missing = n - len(self._free)
         if missing > 0:
-            need = blocks_for(missing, bs)
-            if not self.pool.can_allocate(need):
+            need = blocks_for(missing, self.block_size)
+            if not self.pool.can_allocate(need, len(self.blocks)):
                 raise CapacityError(f"KV cache is full: {need} more blocks needed for this document")
-            for block in self.pool.allocate(need):
-                self.blocks.append(block)
-                self._free += range(block * bs, (block + 1) * bs)
+            for block in self.pool.allocate(need, len(self.blocks)):
+                self._own(block)
         taken, self._free = self._free[:n], self._free[n:]
         return taken
 
-    def _forward(self, token_ids, positions, new_slots, visible_slots, last_only) -> torch.Tensor | None:
-        """One forward pass of token_ids at positions, writing their K/V to new_slots, attending to
-        visible_slots + themselves (causally by position). Logits of the last row when last_only."""
-        device = self.runner.device
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
-        pos = torch.tensor(positions, dtype=torch.int64, device=device)
-        kv = torch.tensor([*visible_slots, *new_slots], dtype=torch.int64, device=device)
-        segment = Segment("document", slice(0, len(token_ids)), kv)
-        meta = LocalStepMeta(torch.tensor(new_slots, dtype=torch.int64, device=device), pos, [segment], {})
-        self.runner.backend.prepare(meta)
-        rows = torch.tensor([len(token_ids) - 1] if last_only else [], dtype=torch.int64, device=device)
-        return self.runner.model(ids, pos, self.runner.backend, meta, rows)
+    def _own(self, block: int) -> None:
+        self.blocks.append(block)
+        self._free += range(block * self.block_size, (block + 1) * self.block_size)
+
+    def _slot_like(self, slot: int, mapping: dict[int, int]) -> int:
+        """A slot of this document at the same offset of a block on the same shard as `slot`'s block."""
+        bs = self.block_size
+        source_block = slot // bs
+        if source_block not in mapping:
+            block = self.pool.allocate_on_shard(self.pool.shard_of(source_block))
+            if block is None:
+                raise CapacityError("KV cache is full: cannot fork this document")
+            mapping[source_block] = block
+            self.blocks.append(block)
+            self._free += range(block * bs, (block + 1) * bs)
+        target = mapping[source_block] * bs + slot % bs
+        self._free.remove(target)
+        return target
+
+    def _forward(self, token_ids, positions, new_slots, visible_slots, sample: bool = False) -> torch.Tensor | None:
+        """One forward pass of token_ids at positions, writing their K/V to new_slots and attending to
+        visible_slots + themselves (causally by position). The last row's logits [V] when `sample`."""
+        request_id = f"document-{id(self)}-{next(self._ids)}"
+        last_shard = self.pool.shard_of(new_slots[-1] // self.block_size)
+        chunk = ScheduledChunk(request_id, list(token_ids), list(positions), list(new_slots), block_table=[],
+                               kv_len=len(visible_slots) + len(new_slots), sample=sample, num_generated=0,
+                               shard=last_shard, kv_slots=(*visible_slots, *new_slots))
+        output = self.executor.forward(StepPlan([chunk]))
+        return output.sample_logits.get(request_id) if sample else None

@@ -63,6 +63,10 @@ class BlockPool:
         assert self.can_allocate(n, start), "caller must check can_allocate"
         return [self._free[j % self.num_shards].popleft() for j in range(start, start + n)]
 
+    def allocate_on_shard(self, shard: int) -> int | None:
+        """One free block of the given shard, or None when that shard is full."""
+        return self._free[shard].popleft() if self._free[shard] else None
+
     def release(self, blocks: list[int]) -> None:
         for block in blocks:
             self._free[self.shard_of(block)].append(block)

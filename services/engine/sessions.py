@@ -75,7 +75,7 @@ class SessionManager:
         self._check_limits(client)
         document = TokenizedText.of(self.tokenizer, text)
         self._check_size(len(document.token_ids))
-        kv = DocumentKV(self.engine.worker.runner, self.engine.scheduler.pool, self.engine.config.engine.token_budget)
+        kv = DocumentKV.for_engine(self.engine)
         try:
             kv.encode(list(document.token_ids))
         except BaseException:
@@ -86,6 +86,18 @@ class SessionManager:
         session = Session(session_id, client, document, kv, timeout, self.clock(), mode)
         self.sessions[session_id] = session
         log.debug("session %s opened: %d tokens", session_id, len(document.token_ids))
+        return session
+
+    def fork(self, session_id: str, mode: UpdateMode | None = None) -> Session:
+        """A new session with a copy of this one's text and KV (no model pass), e.g. to try an edit
+        speculatively or to compare update modes on the same starting point."""
+        source = self._get(session_id)
+        self._check_limits(source.client)
+        kv = source.kv.fork()
+        session_id = f"s{next(self._ids)}-{secrets.token_hex(6)}"
+        session = Session(session_id, source.client, source.document, kv, source.idle_timeout_s, self.clock(),
+                          mode or source.mode, source.changed_since_encode, source.edits_since_encode)
+        self.sessions[session_id] = session
         return session
 
     def close(self, session_id: str) -> None:

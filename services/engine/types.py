@@ -95,6 +95,9 @@ class ScheduledChunk:
     next_token_id: int | None = None  # the known token after the chunk, for prompt logprobs
     prompt_logprobs: bool = False  # return the logprob of every token of the chunk given its prefix
     return_attention: bool = False  # return the last-layer attention row of the sampled position
+    # Global slots of every key the chunk may see (its own new ones included), when they are not simply
+    # the first kv_len positions of block_table: an edited document (PIE) whose tokens sit anywhere.
+    kv_slots: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

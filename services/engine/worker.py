@@ -28,8 +28,12 @@ class ShardLayout:
     block_size: int
     num_shards: int = 1
 
-    def shard_of_position(self, chunk: ScheduledChunk, position: int) -> int:
-        return chunk.block_table[position // self.block_size] // self.blocks_per_shard
+    @property
+    def slots_per_shard(self) -> int:
+        return self.blocks_per_shard * self.block_size
+
+    def shard_of_slot(self, slot: int) -> int:
+        return slot // self.slots_per_shard
 
 
 @dataclass
@@ -84,7 +88,7 @@ class ModelRunner:
         for chunk in plan.chunks:
             start = len(batch.tokens)
             for token, pos, slot in zip(chunk.token_ids, chunk.positions, chunk.slots):
-                if self.layout.shard_of_position(chunk, pos) == self.shard:
+                if self.layout.shard_of_slot(slot) == self.shard:
                     batch.tokens.append(token)
                     batch.positions.append(pos)
                     batch.slots.append(slot - self._slot_base)
@@ -93,7 +97,10 @@ class ModelRunner:
         return batch
 
     def _local_kv_slots(self, chunk: ScheduledChunk) -> torch.Tensor:
-        """Local slots [Tk_local] of the request's first kv_len tokens held here, in block-table order."""
+        """Local slots [Tk_local] of the request's first kv_len tokens held here, in block-table order
+        (or of the chunk's explicit kv_slots held here)."""
+        if chunk.kv_slots is not None:
+            return self.local_slots(chunk.kv_slots)
         bs = self.layout.block_size
         blocks = torch.tensor(chunk.block_table, dtype=torch.int64, device=self.device)  # [B]
         offsets = torch.arange(bs, device=self.device)
@@ -101,6 +108,32 @@ class ModelRunner:
         slots = blocks.unsqueeze(1) * bs + offsets - self._slot_base  # [B, bs]
         here = (blocks // self.layout.blocks_per_shard == self.shard).unsqueeze(1) & (positions < chunk.kv_len)
         return slots[here]
+
+    # ---- slot operations for documents kept across edits (services/engine/pie.py) ----------------
+    def local_slots(self, slots) -> torch.Tensor:
+        """The given global slots that live on this shard, as local indices [n_local]."""
+        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
+        return slots[slots // self.layout.slots_per_shard == self.shard] - self._slot_base
+
+    def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None:
+        self.cache.shift(self.local_slots(slots), delta, self.model.inv_freq, rotate)
+
+    def copy_slots(self, source: list[int], target: list[int]) -> None:
+        """Copy KV between slots; pairs must live on the same shard (the caller allocates them so)."""
+        source_t = torch.as_tensor(source, dtype=torch.int64, device=self.device)
+        here = source_t // self.layout.slots_per_shard == self.shard
+        target_t = torch.as_tensor(target, dtype=torch.int64, device=self.device)
+        self.cache.copy(source_t[here] - self._slot_base, target_t[here] - self._slot_base)
+
+    def read_keys(self, layer: int, slots: list[int]) -> dict[int, torch.Tensor]:
+        """{global slot: key [Hkv, D]} for the given slots held here (tests and diagnostics)."""
+        local = self.local_slots(slots)
+        keys = self.cache.k[layer, local].cpu()
+        return {int(slot) + self._slot_base: key for slot, key in zip(local.tolist(), keys)}
+
+    def read_positions(self, slots: list[int]) -> dict[int, int]:
+        local = self.local_slots(slots)
+        return {int(s) + self._slot_base: int(p) for s, p in zip(local.tolist(), self.cache.positions[local].tolist())}
 
     def _meta(self, plan: StepPlan, batch: _ShardBatch) -> LocalStepMeta:
         segments = [
@@ -201,6 +234,22 @@ class Worker:
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.sampler.finish(plan, self.runner.forward(plan))
+
+    # The same slot interface as the Ray shard group (services/shards/group.py), for PIE documents.
+    def forward(self, plan: StepPlan) -> ForwardOutput:
+        return self.runner.forward(plan)
+
+    def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None:
+        self.runner.shift_slots(slots, delta, rotate)
+
+    def copy_slots(self, source: list[int], target: list[int]) -> None:
+        self.runner.copy_slots(source, target)
+
+    def read_keys(self, layer: int, slots: list[int]) -> dict[int, torch.Tensor]:
+        return self.runner.read_keys(layer, slots)
+
+    def read_positions(self, slots: list[int]) -> dict[int, int]:
+        return self.runner.read_positions(slots)
 
 
 def _ids(values: list[int], device) -> torch.Tensor:

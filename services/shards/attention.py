@@ -39,6 +39,9 @@ class ShardedPagedAttention(LocalPagedAttention):
         """One query token: pass-Q moves bytes independent of the KV length."""
         self._record(request_id, "decode_pass_q")
 
+    def choose_fixed(self, request_id: str, name: str) -> None:
+        self._record(request_id, name)
+
     def choose(self, request_id: str, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> None:
         """Called with every rank's query and KV positions of one request (all ranks agree)."""
         name, _ = costmodel.choose_schedule(self.shape, q_pos, k_pos, self.hardware, ("tokenring", "ring"))

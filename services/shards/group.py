@@ -61,11 +61,28 @@ class ShardGroup:
         return self.sampler.params
 
     def execute(self, plan: StepPlan) -> StepResult:
-        refs = [actor.forward.remote(plan) for actor in self.actors]
+        return self.sampler.finish(plan, self.forward(plan))
+
+    # ---- PIE document slots: the same interface as the in-process Worker ------------------------
+    def forward(self, plan: StepPlan) -> ForwardOutput:
         merged = ForwardOutput()
-        for output in self._gather(refs):
+        for output in self._gather([actor.forward.remote(plan) for actor in self.actors]):
             merged.merge(output)
-        return self.sampler.finish(plan, merged)
+        return merged
+
+    def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None:
+        self._gather([actor.shift_slots.remote(slots, delta, rotate) for actor in self.actors])
+
+    def copy_slots(self, source: list[int], target: list[int]) -> None:
+        self._gather([actor.copy_slots.remote(source, target) for actor in self.actors])
+
+    def read_keys(self, layer: int, slots: list[int]) -> dict:
+        return {k: v for part in self._gather([a.read_keys.remote(layer, slots) for a in self.actors])
+                for k, v in part.items()}
+
+    def read_positions(self, slots: list[int]) -> dict[int, int]:
+        return {k: v for part in self._gather([a.read_positions.remote(slots) for a in self.actors])
+                for k, v in part.items()}
 
     def recover(self) -> None:
         """Replace every actor and form a new process group (survivors may be stuck in a collective)."""

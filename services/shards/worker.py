@@ -62,6 +62,11 @@ class ShardWorker:
             for chunk in plan.chunks:
                 if len(chunk.token_ids) == 1:
                     self.backend.choose_decode(chunk.request_id)  # no need to look at the KV layout
+                elif chunk.kv_slots is not None:
+                    # NOTE: an edited document's chunk (PIE): a few new tokens against a long cached
+                    # document, where pass-Q moves far fewer bytes than pass-KV; its KV positions are
+                    # scattered over the shards, so no layout scan either.
+                    self.backend.choose_fixed(chunk.request_id, "tokenring")
                 else:
                     self.backend.choose(chunk.request_id, *self._positions_by_rank(chunk))
         output = self.runner.forward(plan)
@@ -73,6 +78,19 @@ class ShardWorker:
         self.steps += 1
         self.step_seconds += time.perf_counter() - start
         return output
+
+    # PIE document slots: each shard applies the operation to the slots it holds.
+    def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None:
+        self.runner.shift_slots(slots, delta, rotate)
+
+    def copy_slots(self, source: list[int], target: list[int]) -> None:
+        self.runner.copy_slots(source, target)
+
+    def read_keys(self, layer: int, slots: list[int]) -> dict:
+        return self.runner.read_keys(layer, slots)
+
+    def read_positions(self, slots: list[int]) -> dict[int, int]:
+        return self.runner.read_positions(slots)
 
     def _positions_by_rank(self, chunk) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every rank's query positions and KV positions of one chunk's request."""

@@ -38,7 +38,7 @@ def document_ids(tokenizer):
 
 
 def _doc(engine, ids, chunk_tokens=64):
-    doc = DocumentKV(engine.worker.runner, engine.scheduler.pool, chunk_tokens)
+    doc = DocumentKV.for_engine(engine, chunk_tokens)
     doc.encode(ids)
     return doc
 
@@ -123,6 +123,21 @@ def test_predict_equals_engine_greedy_generation(engine, document_ids, tokenizer
         doc.release()
 
 
+def test_fork_copies_kv_and_edits_stay_apart(engine, document_ids, tokenizer):
+    doc = _doc(engine, document_ids)
+    twin = doc.fork()
+    try:
+        assert twin.slots != doc.slots and twin.token_ids == doc.token_ids
+        for layer in (0, engine.loaded.args.n_layers - 1):
+            assert torch.equal(twin.keys(layer), doc.keys(layer))
+        twin.replace(5, 9, [], UpdateMode.PIE)
+        assert doc.token_ids == document_ids and doc.positions() == list(range(len(document_ids)))
+        assert doc.predict(len(document_ids), [], 4, set()) == engine.generate(
+            [document_ids], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+    finally:
+        doc.release(), twin.release()
+
+
 def test_blocks_come_from_the_shared_pool_and_go_back(engine, document_ids):
     pool = engine.scheduler.pool
     free = pool.num_free
@@ -134,7 +149,7 @@ def test_blocks_come_from_the_shared_pool_and_go_back(engine, document_ids):
 
 def test_a_document_larger_than_the_cache_is_refused(loaded_model, document_ids):
     small = LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=64, block_size=16, num_blocks=4)), loaded_model)
-    doc = DocumentKV(small.worker.runner, small.scheduler.pool, 64)
+    doc = DocumentKV.for_engine(small)
     with pytest.raises(CapacityError):
         doc.encode(document_ids)
     doc.release()
