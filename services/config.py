@@ -70,13 +70,29 @@ class RagConfig:
 
     store_url: str = ""  # "redis://host:6379/0" in deployments
     data_dir: str = ""  # embedded store directory; empty: LONGBOW_HOME/rag
+    default_chunker: str = "perplexity"  # fixed | sentence | perplexity | margin
+    target_chunk_tokens: int = 128  # chunk length (model tokens) when a request leaves it 0
+    perplexity_theta: float = 0.0  # Meta-Chunking: a neighbour must be this much higher (nats) to cut
+    dense_index: str = "flat"  # flat (exact) | hnsw | ivf (large corpora)
+    candidates: int = 50  # per retriever, before reciprocal rank fusion
+    max_documents_per_request: int = 1000
+    max_document_chars: int = 1_000_000
+    max_top_k: int = 100
 
 
 @dataclass
 class CodeContextConfig:
-    """Typed-hole code context (rag/codectx/)."""
+    """Typed-hole code context (rag/codectx/). allowed_roots empty: any directory the client names may be a
+    workspace root (a local IDE server); set it when the gateway is shared."""
 
     default_token_budget: int = 2048
+    max_token_budget: int = 16384
+    allowed_roots: list[str] = field(default_factory=list)
+    max_file_bytes: int = 1_000_000  # larger files are refused (open files) or skipped (the index)
+    max_files: int = 5_000  # files indexed per workspace
+    max_open_files: int = 200  # open files one request may send
+    max_workspaces: int = 8  # workspace indexes kept; the least recently used is dropped
+    default_max_tokens: int = 64  # fill length when the request leaves max_tokens at 0
 
 
 @dataclass
@@ -121,6 +137,7 @@ _ENV_KEYS = {
     "LONGBOW_STORE_URL": ("rag", "store_url", str),
     "LONGBOW_RAG_DIR": ("rag", "data_dir", str),
     "LONGBOW_SESSION_IDLE_S": ("sessions", "idle_timeout_s", float),
+    "LONGBOW_CODE_ROOTS": ("code", "allowed_roots", lambda value: [p for p in value.split(os.pathsep) if p]),
 }
 
 

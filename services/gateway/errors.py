@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from rag.codectx import errors as codectx_errors
 from services.engine.errors import (
     CapacityError,
     EngineError,
@@ -34,6 +35,8 @@ class NotFoundError(LookupError):
 
 
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (codectx_errors.OutsideWorkspaceError, grpc.StatusCode.PERMISSION_DENIED),
+    (codectx_errors.PositionError, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),

@@ -1,0 +1,31 @@
+"""Errors code context raises. The gateway maps them to status codes; nothing here knows gRPC."""
+
+from __future__ import annotations
+
+
+class CodeContextError(Exception):
+    """Base of every error a caller can fix by changing its request."""
+
+
+class OutsideWorkspaceError(CodeContextError):
+    """A path escapes the workspace root (`..`, an absolute path elsewhere, or a symlink out)."""
+
+
+class UnknownFileError(CodeContextError):
+    """The file is neither open in the request nor present in the workspace."""
+
+
+class PositionError(CodeContextError):
+    """A line or column outside the file."""
+
+
+class LimitError(CodeContextError):
+    """A file, request or workspace over the configured size limits."""
+
+
+class UnsupportedLanguageError(CodeContextError):
+    """Neither Python nor TypeScript."""
+
+
+class CheckerUnavailableError(CodeContextError):
+    """The type checker (mypy, or node + typescript) could not be started."""

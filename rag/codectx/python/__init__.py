@@ -1,0 +1,1 @@
+"""Python front end of code context: tolerant parsing, expected types, scopes, the workspace index."""

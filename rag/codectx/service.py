@@ -1,0 +1,175 @@
+"""The code-context service: one object the gateway (and the CLI) holds. It keeps a workspace and its
+index per root (least recently used dropped beyond `max_workspaces`), dispatches by language, and runs
+completions with error rounds. Synchronous: callers on an event loop use asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rag.codectx.checking import check_fill
+from rag.codectx.completion import complete_hole
+from rag.codectx.errors import OutsideWorkspaceError, UnsupportedLanguageError
+from rag.codectx.packing import TokenCounter, approximate_tokens
+from rag.codectx.python.context import python_context
+from rag.codectx.python.index import PythonIndex
+from rag.codectx.records import CodeContext, Completion, Diagnostic
+from rag.codectx.typescript import TypeScriptHelper
+from rag.codectx.workspace import Workspace, WorkspaceLimits
+
+PYTHON_SUFFIXES = (".py", ".pyi")
+TYPESCRIPT_SUFFIXES = (".ts", ".tsx", ".mts", ".cts")
+
+
+@dataclass(frozen=True)
+class HoleRequest:
+    """A hole in a workspace: `path` relative to `workspace_root` (empty root: open files only);
+    1-based line and column; `open_files` (relative path -> text) override the disk for this request."""
+
+    workspace_root: str
+    path: str
+    line: int
+    column: int
+    token_budget: int = 2048
+    open_files: dict[str, str] = field(default_factory=dict)
+    language: str = ""
+
+
+@dataclass
+class _WorkspaceState:
+    workspace: Workspace
+    python: PythonIndex
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+def language_of(path: str, declared: str = "") -> str:
+    if declared:
+        if declared not in ("python", "typescript"):
+            raise UnsupportedLanguageError(f"language {declared!r}: python or typescript")
+        return declared
+    if path.endswith(PYTHON_SUFFIXES):
+        return "python"
+    if path.endswith(TYPESCRIPT_SUFFIXES):
+        return "typescript"
+    raise UnsupportedLanguageError(f"cannot tell the language of {path!r}; set language")
+
+
+class CodeContextService:
+    def __init__(self, limits: WorkspaceLimits | None = None, count_tokens: TokenCounter = approximate_tokens,
+                 allowed_roots: tuple[str, ...] = (), max_workspaces: int = 8):
+        self.limits = limits or WorkspaceLimits()
+        self.count_tokens = count_tokens
+        self.allowed_roots = tuple(Path(r).resolve() for r in allowed_roots)
+        self.max_workspaces = max_workspaces
+        self._states: OrderedDict[str, _WorkspaceState] = OrderedDict()
+        self._states_lock = threading.Lock()
+        self._typescript: TypeScriptHelper | None = None  # created on the first TypeScript request
+
+    def context(self, request: HoleRequest) -> CodeContext:
+        language = language_of(request.path, request.language)
+        with self._session(request) as state:
+            if language == "python":  # python_context refreshes the index itself, reusing its parse
+                return python_context(state.python, state.workspace.relative(request.path), request.line,
+                                      request.column, request.token_budget, self.count_tokens)
+            return self.typescript().context(state.workspace, request, self.count_tokens)
+
+    def source(self, request: HoleRequest) -> str:
+        """The text of the hole's file as this request sees it (open files over the disk)."""
+        with self._session(request) as state:
+            return state.workspace.read(request.path)
+
+    def update_files(self, workspace_root: str, files: dict[str, str], deleted: list[str]) -> int:
+        """Pin changed files (full text) and forget deleted ones; returns the Python definitions indexed."""
+        if not workspace_root:
+            raise OutsideWorkspaceError("UpdateFiles needs a workspace root")
+        state = self._state(workspace_root)
+        with state.lock:
+            state.workspace.pin_files(files, deleted)
+            state.python.refresh()
+            return state.python.definition_count()
+
+    def check(self, request: HoleRequest, fill: str) -> list[Diagnostic]:
+        """Type errors of the file with `fill` typed at the hole (only those on the filled lines)."""
+        language = language_of(request.path, request.language)
+        with self._session(request) as state:
+            return check_fill(state.workspace, request, fill, language, self.typescript)
+
+    def complete(self, lm, request: HoleRequest, *, error_rounds: int = 1, max_tokens: int = 64,
+                 temperature: float = 0.0) -> Completion:
+        return complete_hole(self, lm, request, error_rounds=error_rounds, max_tokens=max_tokens,
+                             temperature=temperature)
+
+    def typescript(self) -> TypeScriptHelper:
+        with self._states_lock:
+            if self._typescript is None:
+                self._typescript = TypeScriptHelper()
+            return self._typescript
+
+    def close(self) -> None:
+        if self._typescript is not None:
+            self._typescript.close()
+
+    def _session(self, request: HoleRequest):
+        return _Session(self._state(request.workspace_root) if request.workspace_root else self._scratch(),
+                        request.open_files)
+
+    def _scratch(self) -> _WorkspaceState:
+        workspace = Workspace(None, self.limits)
+        return _WorkspaceState(workspace, PythonIndex(workspace))
+
+    def _state(self, root: str) -> _WorkspaceState:
+        if not root:
+            return self._scratch()
+        workspace = Workspace(root, self.limits)  # validates the root before anything is cached
+        self._check_allowed(workspace.root)
+        key = str(workspace.root)
+        with self._states_lock:
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = _WorkspaceState(workspace, PythonIndex(workspace))
+                while len(self._states) > self.max_workspaces:
+                    self._states.popitem(last=False)
+            self._states.move_to_end(key)
+            return state
+
+    def _check_allowed(self, root: Path) -> None:
+        if self.allowed_roots and not any(root == a or a in root.parents for a in self.allowed_roots):
+            raise OutsideWorkspaceError(f"workspace root {root} is not under an allowed root")
+
+
+class _Session:
+    """Holds a workspace's lock for one request with that request's open files overlaid; the overlay
+    is removed on exit. Whoever needs the index refreshes it (python_context does, with its parse)."""
+
+    def __init__(self, state: _WorkspaceState, open_files: dict[str, str]):
+        self.state, self.open_files = state, open_files
+
+    def __enter__(self) -> _WorkspaceState:
+        self.state.lock.acquire()
+        try:
+            self.state.workspace.set_request_files(self.open_files)
+        except BaseException:
+            self.state.lock.release()
+            raise
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.state.workspace.set_request_files({})
+        finally:
+            self.state.lock.release()
+
+
+def build_context(workspace_root: str, path: str, line: int, column: int, token_budget: int = 2048,
+                  open_files: dict[str, str] | None = None, count_tokens: TokenCounter = approximate_tokens,
+                  language: str = "") -> CodeContext:
+    """One-shot context for a hole (the CLI's `longbow context FILE:LINE:COL`)."""
+    service = CodeContextService(count_tokens=count_tokens)
+    try:
+        return service.context(HoleRequest(workspace_root, path, line, column, token_budget, open_files or {},
+                                           language))
+    finally:
+        service.close()
