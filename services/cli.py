@@ -100,6 +100,46 @@ def _generate_embedded(args) -> int:
     return 0
 
 
+def cmd_context(args) -> int:
+    """Typed-hole context for FILE:LINE:COL: expected type, relevant types and headers, packed."""
+    import os
+
+    file, line, column = _location(args.location)
+    root = os.path.abspath(args.root or os.getcwd())
+    path = os.path.relpath(os.path.abspath(file), root)
+    if args.address:
+        from services.client.sdk import LongbowClient, LongbowError
+
+        try:
+            with LongbowClient(args.address, token=args.token or "") as client:
+                context = client.code_context(root, path, line, column, token_budget=args.budget)
+        except LongbowError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        expected, packed, tokens = context.expected_type.text, context.packed_context, context.packed_tokens
+    else:
+        from rag.codectx import build_context
+        from rag.codectx.errors import CodeContextError
+
+        try:
+            context = build_context(root, path, line, column, args.budget)
+        except CodeContextError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        expected, packed, tokens = context.expected_type.text, context.packed_text, context.packed_tokens
+    print(f"# expected type: {expected or '(unknown)'} ({tokens} tokens of context)", file=sys.stderr)
+    print(packed)
+    return 0
+
+
+def _location(location: str) -> tuple[str, int, int]:
+    try:
+        file, line, column = location.rsplit(":", 2)
+        return file, int(line), int(column)
+    except ValueError:
+        raise SystemExit(f"error: expected FILE:LINE:COL (1-based), got {location!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longbow", description="Long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -125,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(fn=cmd_generate)
+    ctx = sub.add_parser("context", help="typed-hole code context for FILE:LINE:COL (embedded, or a server with --address)")
+    ctx.add_argument("location", help="FILE:LINE:COL, 1-based")
+    ctx.add_argument("--root", help="workspace root (default: the current directory); nothing outside it is read")
+    ctx.add_argument("--budget", type=int, default=1024, help="token budget of the packed context")
+    ctx.add_argument("--address", help="host:port of a running `longbow serve`")
+    ctx.add_argument("--token", help="bearer token for a server with auth")
+    ctx.set_defaults(fn=cmd_context)
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (source checkout), e.g. `longbow bench engine --quick`")
     bench.add_argument("name", help="engine, ringattn, gateway, ...")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
