@@ -7,6 +7,10 @@ class CodeContextError(Exception):
     """Base of every error a caller can fix by changing its request."""
 
 
+class MalformedRequestError(CodeContextError):
+    """A request that cannot name a file: a relative workspace root, an empty path, no root at all."""
+
+
 class OutsideWorkspaceError(CodeContextError):
     """A path escapes the workspace root (`..`, an absolute path elsewhere, or a symlink out)."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rag.codectx.checking import check_fill
 from rag.codectx.completion import complete_hole
-from rag.codectx.errors import OutsideWorkspaceError, UnsupportedLanguageError
+from rag.codectx.errors import MalformedRequestError, OutsideWorkspaceError, UnsupportedLanguageError
 from rag.codectx.packing import TokenCounter, approximate_tokens
 from rag.codectx.python.context import python_context
 from rag.codectx.python.index import PythonIndex
@@ -69,10 +69,11 @@ class CodeContextService:
         self._typescript: TypeScriptHelper | None = None  # created on the first TypeScript request
 
     def context(self, request: HoleRequest) -> CodeContext:
-        language = language_of(request.path, request.language)
         with self._session(request) as state:
+            relative = state.workspace.relative(request.path)  # a path outside the root is refused first
+            language = language_of(relative, request.language)
             if language == "python":  # python_context refreshes the index itself, reusing its parse
-                return python_context(state.python, state.workspace.relative(request.path), request.line,
+                return python_context(state.python, relative, request.line,
                                       request.column, request.token_budget, self.count_tokens)
             return self.typescript().context(state.workspace, request, self.count_tokens)
 
@@ -84,7 +85,7 @@ class CodeContextService:
     def update_files(self, workspace_root: str, files: dict[str, str], deleted: list[str]) -> int:
         """Pin changed files (full text) and forget deleted ones; returns the Python definitions indexed."""
         if not workspace_root:
-            raise OutsideWorkspaceError("UpdateFiles needs a workspace root")
+            raise MalformedRequestError("UpdateFiles needs a workspace root")
         state = self._state(workspace_root)
         with state.lock:
             state.workspace.pin_files(files, deleted)
@@ -93,8 +94,8 @@ class CodeContextService:
 
     def check(self, request: HoleRequest, fill: str) -> list[Diagnostic]:
         """Type errors of the file with `fill` typed at the hole (only those on the filled lines)."""
-        language = language_of(request.path, request.language)
         with self._session(request) as state:
+            language = language_of(state.workspace.relative(request.path), request.language)
             return check_fill(state.workspace, request, fill, language, self.typescript)
 
     def complete(self, lm, request: HoleRequest, *, error_rounds: int = 1, max_tokens: int = 64,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rag.codectx.errors import LimitError, OutsideWorkspaceError, UnknownFileError
+from rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
 
 SKIPPED_DIRECTORIES = frozenset({"node_modules", "__pycache__", "site-packages", "dist", "build", "venv"})
 
@@ -70,11 +70,11 @@ class Workspace:
     def relative(self, path: str) -> str:
         """The normalized relative POSIX path of `path` (relative or absolute) inside the root."""
         if not path or "\x00" in path:
-            raise OutsideWorkspaceError(f"invalid path {path!r}")
+            raise MalformedRequestError(f"invalid path {path!r}")
         pure = PurePosixPath(path.replace("\\", "/"))
         if pure.is_absolute():
             if self.root is None:
-                raise OutsideWorkspaceError(f"absolute path {path!r} without a workspace root")
+                raise MalformedRequestError(f"absolute path {path!r} without a workspace root")
             return self._inside_root(Path(path))
         if ".." in pure.parts:
             raise OutsideWorkspaceError(f"path {path!r} contains '..'")
@@ -136,7 +136,7 @@ class Workspace:
 def _checked_root(root: str | os.PathLike) -> Path:
     path = Path(root).expanduser()
     if not path.is_absolute():
-        raise OutsideWorkspaceError(f"workspace root {root!s} must be an absolute path")
+        raise MalformedRequestError(f"workspace root {root!s} must be an absolute path")
     resolved = path.resolve()
     if not resolved.is_dir():
         raise UnknownFileError(f"workspace root {root!s} is not a directory")

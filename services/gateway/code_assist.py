@@ -34,7 +34,8 @@ def _gateway_error(error: codectx_errors.CodeContextError) -> Exception:
         return CheckerUnavailableError(str(error))
     if isinstance(error, (codectx_errors.PositionError, codectx_errors.OutsideWorkspaceError)):
         return error  # PERMISSION_DENIED / OUT_OF_RANGE (gateway/errors.py)
-    if isinstance(error, (codectx_errors.LimitError, codectx_errors.UnsupportedLanguageError)):
+    if isinstance(error, (codectx_errors.LimitError, codectx_errors.UnsupportedLanguageError,
+                          codectx_errors.MalformedRequestError)):
         return InvalidRequestError(str(error))
     return error  # a helper failure nobody can fix by changing the request: INTERNAL, logged
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rag.codectx.errors import LimitError, OutsideWorkspaceError, UnknownFileError
+from rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
 from rag.codectx.workspace import Workspace, WorkspaceLimits
 
 
@@ -16,9 +16,15 @@ def root(tmp_path):
     return tmp_path / "ws"
 
 
-@pytest.mark.parametrize("path", ["../secret.py", "a/../../secret.py", "/etc/passwd", "", "a\x00b"])
+@pytest.mark.parametrize("path", ["../secret.py", "a/../../secret.py", "/etc/passwd"])
 def test_paths_outside_the_root_are_refused(root, path):
     with pytest.raises(OutsideWorkspaceError):
+        Workspace(root).read(path)
+
+
+@pytest.mark.parametrize("path", ["", "a\x00b"])
+def test_paths_that_name_no_file_are_malformed(root, path):
+    with pytest.raises(MalformedRequestError):
         Workspace(root).read(path)
 
 
@@ -38,7 +44,7 @@ def test_absolute_path_inside_the_root_is_accepted(root):
 
 
 def test_relative_root_and_missing_root(root):
-    with pytest.raises(OutsideWorkspaceError):
+    with pytest.raises(MalformedRequestError):
         Workspace("relative/root")
     with pytest.raises(UnknownFileError):
         Workspace(root / "missing")
