@@ -28,6 +28,11 @@ class GatewayMetrics:
         self.shard_schedules = Gauge("longbow_shard_schedule_choices", "Attention schedule choices per shard",
                                      ["shard", "schedule"], registry=r)
 
+        self.sessions_open = Gauge("longbow_sessions_open", "Edit sessions holding KV", registry=r)
+        self.session_reencodes = Counter("longbow_session_reencodes", "Drift re-encodes of edit sessions", registry=r)
+        self.session_update_seconds = Histogram("longbow_session_update_seconds", "KV update time of one ApplyEdits",
+                                                buckets=_LATENCY_BUCKETS, registry=r)
+
     def record_status(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method=method, code=code.name).inc()
 

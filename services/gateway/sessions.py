@@ -27,7 +27,7 @@ EXPIRY_PERIOD_S = 5.0
 
 class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     def __init__(self, runtime: GatewayRuntime):
-        self.engine = runtime.engine
+        self.engine, self.metrics = runtime.engine, runtime.metrics
         self.manager = SessionManager(runtime.engine.engine, runtime.tokenizer, runtime.config.sessions)
         self._expiry = runtime.loop.create_task(self._expire_forever())
 
@@ -37,16 +37,18 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             raise InvalidRequestError(f"unknown update_mode {request.update_mode}")
         session = await self._call(SessionManager.open, request.text, _client(context),
                                    float(request.idle_timeout_s), mode)
+        self.metrics.sessions_open.set(len(self.manager.sessions))
         return pb.OpenSessionResponse(session_id=session.session_id, tokens=len(session.document.token_ids))
 
     async def ApplyEdits(self, request, context):
         edits = [TextEdit(e.start, e.end, e.text) for e in request.edits]
         outcome = await self._call(SessionManager.apply_edits, request.session_id, edits)
+        self.metrics.session_update_seconds.observe(outcome.seconds)
         if outcome.reencode_due:
             # Queued on the engine thread now, before the reply leaves: the client's next call on this
             # session runs after it (commands are FIFO) and sees exact KV again. The reply does not wait.
             done = self.engine.call_soon(lambda engine: self.manager.reencode(request.session_id))
-            done.add_done_callback(_log_failure)
+            done.add_done_callback(self._reencoded)
         return pb.ApplyEditsResponse(tokens=outcome.tokens, tokens_encoded=outcome.tokens_encoded,
                                      update_seconds=outcome.seconds, reencode_scheduled=outcome.reencode_due)
 
@@ -56,6 +58,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
 
     async def CloseSession(self, request, context):
         await self._call(SessionManager.close, request.session_id)
+        self.metrics.sessions_open.set(len(self.manager.sessions))
         return pb.CloseSessionResponse()
 
     async def close(self) -> None:
@@ -71,11 +74,15 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             await asyncio.sleep(EXPIRY_PERIOD_S)
             with contextlib.suppress(Exception):
                 await self._call(SessionManager.expire)
+                self.metrics.sessions_open.set(len(self.manager.sessions))
 
-
-def _log_failure(future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("background session re-encode failed: %s", future.exception())
+    def _reencoded(self, future) -> None:  # on the engine thread
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.warning("background session re-encode failed: %s", future.exception())
+        elif future.result():
+            self.metrics.session_reencodes.inc()
 
 
 def _client(context) -> str:

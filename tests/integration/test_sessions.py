@@ -54,6 +54,16 @@ def test_pie_session_edits_reposition_and_reencode(client, gateway):
     line = client.predict(sid, text.index("    return width") + len("    return"))
     assert "\n" not in line
     client.close_session(sid)
+    metrics = _metrics(gateway)
+    assert metrics["longbow_session_reencodes_total"] >= 1 and metrics["longbow_session_update_seconds_count"] >= 2
+
+
+def _metrics(gateway) -> dict[str, float]:
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.gateway.metrics_port}/metrics", timeout=10).read()
+    return {line.split()[0]: float(line.split()[1]) for line in body.decode().splitlines()
+            if line and not line.startswith("#") and "{" not in line}
 
 
 def test_bad_input_gets_clear_codes_and_keeps_the_session(client, gateway):
