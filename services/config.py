@@ -78,6 +78,7 @@ class RagConfig:
     max_documents_per_request: int = 1000
     max_document_chars: int = 1_000_000
     max_top_k: int = 100
+    follow_interval_s: float = 0.5  # how often a gateway applies the store's change log without a query
 
 
 @dataclass
@@ -136,6 +137,9 @@ _ENV_KEYS = {
     "LONGBOW_MAX_INFLIGHT": ("gateway", "max_inflight", int),
     "LONGBOW_STORE_URL": ("rag", "store_url", str),
     "LONGBOW_RAG_DIR": ("rag", "data_dir", str),
+    "LONGBOW_RAG_CHUNKER": ("rag", "default_chunker", str),
+    "LONGBOW_RAG_TARGET_TOKENS": ("rag", "target_chunk_tokens", int),
+    "LONGBOW_RAG_DENSE_INDEX": ("rag", "dense_index", str),
     "LONGBOW_SESSION_IDLE_S": ("sessions", "idle_timeout_s", float),
     "LONGBOW_CODE_ROOTS": ("code", "allowed_roots", lambda value: [p for p in value.split(os.pathsep) if p]),
 }

@@ -1,4 +1,5 @@
-"""LangChain adapters over the Longbow SDK: `LongbowChatModel` (chat) and `LongbowLLM` (text completion).
+"""LangChain adapters over the Longbow SDK: `LongbowChatModel` (chat), `LongbowLLM` (text completion) and
+`LongbowRetriever` (hybrid retrieval with citations in each Document's metadata).
 
 Imports only langchain-core, grpcio, protobuf and the SDK (no torch), so it runs wherever the client does.
 Each LangChain call is one Generate / GenerateStream call on the gateway; every streamed chunk becomes one
@@ -17,16 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForLLMRun,
+    CallbackManagerForRetrieverRun,
+)
+from langchain_core.documents import Document as LCDocument
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.language_models.llms import LLM
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from longbow.v1 import generation_pb2 as gen_pb
+from services.client.retrieval import Citation
 from services.client.sdk import (
     AsyncLongbowClient,
     Generation,
@@ -296,3 +305,52 @@ class LongbowLLM(_GatewaySettings, LLM):
         return GenerationChunk(text=piece.text, generation_info={
             "finish_reason": piece.finish_reason, "prompt_tokens": piece.prompt_tokens,
             "completion_tokens": piece.completion_tokens})
+
+
+class LongbowRetriever(BaseRetriever):
+    """Hybrid retrieval (BM25 + dense, RRF) from a Longbow gateway as a LangChain retriever. Each result is a
+    LangChain Document whose page_content is the chunk text and whose metadata holds the document's own
+    metadata plus the citation: document_id, chunk_id, char_start, char_end, score.
+
+        retriever = LongbowRetriever(target="localhost:50051", k=4, filters={"team": "ops"})
+        retriever.invoke("how do I reset the unit?", k=2)
+    """
+
+    target: str = "localhost:50051"
+    api_key: SecretStr | None = None  # the gateway's bearer token, when it has one
+    root_certificates: bytes | None = None  # TLS; None: plaintext
+    timeout: float | None = 60.0
+    max_retries: int = 3  # retries of UNAVAILABLE only
+    k: int = 4  # documents per query; a call may override it (`invoke(q, k=2)`)
+    filters: dict[str, str] | None = None  # metadata key/values every result must have
+
+    _client: LongbowClient | None = PrivateAttr(default=None)
+    _async_client: tuple[asyncio.AbstractEventLoop, AsyncLongbowClient] | None = PrivateAttr(default=None)
+
+    def _connection(self) -> dict[str, Any]:
+        return dict(token=self.api_key.get_secret_value() if self.api_key else "",
+                    root_certificates=self.root_certificates, timeout_s=self.timeout,
+                    retry=RetryPolicy(attempts=self.max_retries + 1))
+
+    def _query(self, k: int | None, filters: dict[str, str] | None) -> dict[str, Any]:
+        return {"top_k": self.k if k is None else k, "filters": self.filters if filters is None else filters}
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None, filters: dict[str, str] | None = None) -> list[LCDocument]:
+        if self._client is None:
+            self._client = LongbowClient(self.target, **self._connection())
+        return [_lc_document(c) for c in self._client.query(query, **self._query(k, filters)).citations]
+
+    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       k: int | None = None, filters: dict[str, str] | None = None) -> list[LCDocument]:
+        loop = asyncio.get_running_loop()  # a grpc.aio channel belongs to the loop that made it
+        if self._async_client is None or self._async_client[0] is not loop:
+            self._async_client = (loop, AsyncLongbowClient(self.target, **self._connection()))
+        result = await self._async_client[1].query(query, **self._query(k, filters))
+        return [_lc_document(c) for c in result.citations]
+
+
+def _lc_document(citation: Citation) -> LCDocument:
+    metadata = {**citation.metadata, "document_id": citation.document_id, "chunk_id": citation.chunk_id,
+                "char_start": citation.char_start, "char_end": citation.char_end, "score": citation.score}
+    return LCDocument(page_content=citation.text, metadata=metadata, id=citation.chunk_id)

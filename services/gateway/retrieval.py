@@ -1,15 +1,208 @@
-"""Retrieval RPCs (ingest, delete, query). Placeholder until the RAG front end lands."""
+"""Retrieval RPCs: Ingest (streamed progress), Delete, Query, QueryStream (citations, then answer text).
+
+Handlers decode, make one call into rag/ on a worker thread, encode. This module owns the gateway's store
+handle, its LiveIndex (rebuilt from the store at start, caught up from the change log on every query, so
+replicas sharing a Redis store agree) and the ingestor. Answers come from `rag.flows.run_flow` over the
+gateway's own engine (`runtime.lm()`), so RAG generation shares the engine's batches.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from longbow.v1 import retrieval_pb2 as pb
 from longbow.v1 import retrieval_pb2_grpc
+from rag.embed import shared_embedder
+from rag.ingest import IngestLimits, Ingestor, IngestProgress, validate
+from rag.retrieve import HybridRetriever
+from rag.store import open_store
+from rag.types import Document, Hit
+from services.config import longbow_home
+from services.engine.errors import EngineStoppedError, InvalidRequestError
 from services.gateway.runtime import GatewayRuntime
+
+log = logging.getLogger(__name__)
+
+_CHUNKERS = {pb.CHUNKER_FIXED: "fixed", pb.CHUNKER_SENTENCE: "sentence", pb.CHUNKER_PERPLEXITY: "perplexity",
+             pb.CHUNKER_MARGIN: "margin"}
+_FLOWS = {pb.FLOW_UNSPECIFIED: "single", pb.FLOW_NO_RETRIEVAL: "none", pb.FLOW_SINGLE: "single",
+          pb.FLOW_FIXED_INTERVAL: "fixed_interval", pb.FLOW_FLARE: "flare", pb.FLOW_DRAGIN: "dragin"}
+_DONE = object()  # ends a thread's stream
+MAX_QUERY_CHARS = 10_000
+MAX_DELETE_IDS = 10_000
+
+
+class StoreUnavailableError(EngineStoppedError):
+    """The document store (Redis, sqlite) failed or cannot be reached; retriable (UNAVAILABLE)."""
+
+
+class _Cancelled(Exception):
+    """The client went away; stops the worker thread at its next progress report or text piece."""
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+            sqlite3.OperationalError)
+
+
+async def _on_thread(work: Callable, *args):
+    """Run blocking rag/ work on a thread; its ValueErrors are the caller's fault, store failures retriable."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except InvalidRequestError:
+        raise
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    except _store_errors() as exc:
+        raise StoreUnavailableError(f"document store unavailable: {exc}") from None
+
+
+async def _stream_from_thread(work: Callable[[Callable[[object], None]], object]) -> AsyncIterator[tuple[bool, object]]:
+    """Runs work(emit) on a thread; yields (False, item) for every emit(item) as it happens, then
+    (True, result). Closing the iterator makes the next emit raise _Cancelled in the thread."""
+    loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+    def emit(item) -> None:  # called from the worker thread, or the loop thread (engine text callbacks)
+        if cancelled.is_set():
+            raise _Cancelled()
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    task = asyncio.ensure_future(_on_thread(work, emit))
+    task.add_done_callback(lambda _: queue.put_nowait(_DONE))
+    try:
+        while (item := await queue.get()) is not _DONE:
+            yield False, item
+        yield True, task.result()
+    finally:
+        cancelled.set()
+        if not task.done():  # the thread finishes on its own at its next emit; keep its error out of the log
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+
+def documents_from_pb(request: pb.IngestRequest) -> list[Document]:
+    return [Document(d.document_id, d.text, dict(d.metadata)) for d in request.documents]
+
+
+def progress_to_pb(progress: IngestProgress) -> pb.IngestProgress:
+    return pb.IngestProgress(documents_done=progress.documents_done, documents_total=progress.documents_total,
+                             chunks_written=progress.chunks_written,
+                             documents_unchanged=progress.documents_unchanged)
+
+
+def citation_to_pb(hit: Hit) -> pb.Citation:
+    c = hit.chunk
+    return pb.Citation(document_id=c.document_id, chunk_id=c.chunk_id, char_start=c.char_start,
+                       char_end=c.char_end, score=hit.score, text=c.text, metadata=c.metadata)
+
+
+def _enum_name(table: dict, value: int, what: str) -> str:
+    if value not in table:
+        raise InvalidRequestError(f"unknown {what} {value}")
+    return table[value]
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    def __init__(self, runtime: GatewayRuntime):
+        self.runtime, self.config = runtime, runtime.config.rag
+        self.store = open_store(self.config.store_url, self.config.data_dir or Path(longbow_home()) / "rag")
+        # NOTE: the index rebuild runs at start (the design's "rebuilt from the store at start"); it reads
+        # stored embeddings only, so the embedding model itself loads on the first ingest or query.
+        self.retriever = HybridRetriever(self.store, shared_embedder(), dense_kind=self.config.dense_index,
+                                         candidates=self.config.candidates)
+        limits = IngestLimits(max_documents=self.config.max_documents_per_request,
+                              max_document_chars=self.config.max_document_chars)
+        # Every chunker measures length in the served model's tokens; Meta-Chunking also scores with it.
+        self.lm = runtime.lm()
+        self.ingestor = Ingestor(self.store, shared_embedder(), lm=self.lm, limits=limits,
+                                 perplexity_theta=self.config.perplexity_theta)
+        self._follower = runtime.loop.create_task(self._follow(self.config.follow_interval_s))
+
+    async def _follow(self, period_s: float) -> None:
+        """Keep the index current from the store's change log even when no query comes (every query also
+        catches up first, so this only moves the work, BM25 rebuilds included, off the query path)."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await asyncio.to_thread(self.retriever.index.follow, self.store)
+            except Exception as exc:  # noqa: BLE001 - a store outage must not end the follower; queries report it
+                log.warning("retrieval index could not follow the store: %s", exc)
+
+    async def Ingest(self, request: pb.IngestRequest, context) -> AsyncIterator[pb.IngestProgress]:
+        chunker = self.config.default_chunker if request.chunker == pb.CHUNKER_UNSPECIFIED else \
+            _enum_name(_CHUNKERS, request.chunker, "chunker")
+        target = request.target_chunk_tokens or self.config.target_chunk_tokens
+        documents = documents_from_pb(request)
+        await _on_thread(validate, documents, target, self.ingestor.limits)  # fail before the first message
+        yield progress_to_pb(IngestProgress(documents_total=len(documents)))
+        async for finished, progress in _stream_from_thread(
+                lambda emit: self.ingestor.ingest(documents, chunker, target, on_progress=emit)):
+            if not finished:
+                yield progress_to_pb(progress)
+
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        ids = list(request.document_ids)
+        if not ids or len(ids) > MAX_DELETE_IDS:
+            raise InvalidRequestError(f"give 1 to {MAX_DELETE_IDS} document ids to delete, got {len(ids)}")
+        deleted = await _on_thread(lambda: sum(self.store.delete(i) for i in dict.fromkeys(ids)))
+        return pb.DeleteResponse(deleted=deleted)
+
+    def _query_args(self, request: pb.QueryRequest) -> dict:
+        if not request.query.strip():
+            raise InvalidRequestError("the query is empty")
+        if len(request.query) > MAX_QUERY_CHARS:
+            raise InvalidRequestError(f"the query has {len(request.query)} characters; the limit is {MAX_QUERY_CHARS}")
+        top_k = request.top_k or 5
+        if top_k > self.config.max_top_k:
+            raise InvalidRequestError(f"top_k must be at most {self.config.max_top_k}, got {top_k}")
+        return {"question": request.query, "top_k": top_k, "filters": dict(request.filters) or None,
+                "flow": _enum_name(_FLOWS, request.flow, "flow"),
+                "max_tokens": request.sampling.max_tokens or self.runtime.config.gateway.default_max_tokens}
+
+    def _retrieve(self, args: dict) -> list[Hit]:
+        return self.retriever.retrieve(args["question"], args["top_k"], args["filters"])
+
+    def _answer(self, args: dict, on_text=None):
+        from rag.flows import run_flow  # NOTE: imported late: flows pull in the generation modules
+
+        return run_flow(args["flow"], args["question"], self.retriever, self.lm, top_k=args["top_k"],
+                        filters=args["filters"], max_tokens=args["max_tokens"], on_text=on_text)
+
+    async def Query(self, request: pb.QueryRequest, context) -> pb.QueryResponse:
+        args = self._query_args(request)
+        if not request.answer:
+            hits = await _on_thread(self._retrieve, args)
+            return pb.QueryResponse(citations=[citation_to_pb(h) for h in hits])
+        result = await _on_thread(self._answer, args)
+        return pb.QueryResponse(citations=[citation_to_pb(h) for h in result.hits], answer=result.answer)
+
+    async def QueryStream(self, request: pb.QueryRequest, context) -> AsyncIterator[pb.QueryChunk]:
+        args = self._query_args(request)
+        hits = await _on_thread(self._retrieve, args) if args["flow"] != "none" or not request.answer else []
+        yield pb.QueryChunk(citations=[citation_to_pb(h) for h in hits], done=not request.answer)
+        if not request.answer:
+            return
+        async for finished, item in _stream_from_thread(lambda emit: self._answer(args, on_text=emit)):
+            if finished:
+                yield pb.QueryChunk(citations=[citation_to_pb(h) for h in item.hits], done=True)
+            else:
+                yield pb.QueryChunk(text=item)
+
     async def close(self) -> None:
-        pass
+        self._follower.cancel()
+        with contextlib.suppress(BaseException):
+            await self._follower
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.store.close)
 
 
 def create_servicer(runtime: GatewayRuntime) -> RetrievalServicer:
-    return RetrievalServicer()
+    return RetrievalServicer(runtime)

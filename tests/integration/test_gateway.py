@@ -9,7 +9,6 @@ import grpc
 import pytest
 
 from longbow.v1 import generation_pb2 as gen_pb
-from longbow.v1 import retrieval_pb2
 from services.client.sdk import LongbowClient, LongbowError
 from tests.conftest import RunningGateway
 
@@ -95,16 +94,6 @@ def test_invalid_utf8_bytes_are_invalid_argument(gateway):
         with pytest.raises(grpc.RpcError) as err:
             call(broken, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def test_unimplemented_services_say_so(gateway):
-    with grpc.insecure_channel(gateway.address) as channel:
-        delete = channel.unary_unary("/longbow.v1.Retrieval/Delete",
-                                     request_serializer=retrieval_pb2.DeleteRequest.SerializeToString,
-                                     response_deserializer=retrieval_pb2.DeleteResponse.FromString)
-        with pytest.raises(grpc.RpcError) as err:
-            delete(retrieval_pb2.DeleteRequest(document_ids=["x"]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_health_and_reflection(gateway):

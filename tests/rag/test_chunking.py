@@ -1,0 +1,179 @@
+"""Chunkers: exact offsets, no empty chunks, nothing lost; the perplexity boundary rule on hand-made
+sequences; windowed scoring equals one pass; margin sampling decisions; and the real model end to end."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import pytest
+
+from rag.chunking import (
+    FixedSizeChunker,
+    MarginChunker,
+    PerplexityChunker,
+    SentenceChunker,
+    make_chunker,
+    perplexity_boundaries,
+    sentence_spans,
+)
+from rag.chunking.perplexity import scored_logprobs, sentence_nll
+from rag.lm import LM
+from rag.types import Document
+
+TEXT = ("Dr. Smith went to Washington.  He arrived at 5 p.m. on Jan. 3rd!\n\nThe weather was cold. "
+        "Snow fell all day.\nMeanwhile, in Paris, the markets opened early. Traders were nervous. "
+        "Prices of wheat rose sharply. — Ünïcode ends here…")
+
+
+class WordLM(LM):
+    """A fake LM over whitespace words: a word's logprob is -nll[word] (default -1), independent of context,
+    so any windowing must reproduce the one-pass numbers. Records every scored length."""
+
+    def __init__(self, nll: dict[str, float] | None = None, max_context: int = 10_000, keep_words=()):
+        self.nll, self.max_context, self.keep_words = nll or {}, max_context, set(keep_words)
+        self.vocab: dict[str, int] = {}
+        self.scored_lengths: list[int] = []
+        self.last_prompt = ""
+
+    def tokenize_with_offsets(self, text):
+        spans = [m.span() for m in re.finditer(r"\S+", text)]
+        return [self.vocab.setdefault(text[a:b], len(self.vocab) + 10) for a, b in spans], spans
+
+    def tokenize(self, text):
+        return self.tokenize_with_offsets(text)[0]
+
+    def detokenize(self, token_ids):
+        words = {v: k for k, v in self.vocab.items()}
+        return " ".join(words[i] for i in token_ids)
+
+    def chat(self, messages):
+        self.last_prompt = messages[-1]["content"]
+        return [1, 2, 3]
+
+    def token_logprobs(self, token_ids):
+        assert len(token_ids) <= self.max_context
+        self.scored_lengths.append(len(token_ids))
+        words = {v: k for k, v in self.vocab.items()}
+        return [-self.nll.get(words.get(i, ""), 1.0) for i in token_ids[1:]]
+
+    def next_token_logprobs(self, prompt_ids, candidates):
+        sentence = self.last_prompt.rsplit("Sentence 2:", 1)[1]
+        keep = any(word in sentence for word in self.keep_words)
+        _split_id, _keep_id = candidates
+        return [math.log(0.1), math.log(0.9)] if keep else [math.log(0.9), math.log(0.1)]
+
+    def generate(self, prompt_ids, **kwargs):
+        raise NotImplementedError
+
+
+def assert_tiles(document: Document, chunks) -> None:
+    assert chunks and all(c.text for c in chunks)
+    assert "".join(c.text for c in chunks) == document.text
+    assert chunks[0].char_start == 0 and chunks[-1].char_end == len(document.text)
+    for chunk, after in itertools.pairwise(chunks):
+        assert chunk.char_end == after.char_start
+    for chunk in chunks:
+        assert document.text[chunk.char_start:chunk.char_end] == chunk.text
+        assert chunk.document_id == document.document_id and chunk.metadata == document.metadata
+    assert len({c.chunk_id for c in chunks}) == len(chunks)
+
+
+def test_sentence_spans_tile_the_text():
+    spans = sentence_spans(TEXT)
+    assert "".join(TEXT[a:b] for a, b in spans) == TEXT
+    assert len(spans) == 8 and TEXT[spans[1][0]:].startswith("He arrived")
+    assert sentence_spans("") == [] and sentence_spans("   ") == [(0, 3)]
+
+
+@pytest.mark.parametrize("target", [1, 3, 7, 50, 10_000])
+@pytest.mark.parametrize("name", ["fixed", "sentence", "perplexity", "margin"])
+def test_every_chunker_tiles_the_document(name, target):
+    lm = WordLM({"cold.": 0.1, "day.": 3.0, "nervous.": 0.2}, keep_words={"Snow", "Traders"})
+    document = Document("doc-1", TEXT, {"lang": "en"})
+    chunks = make_chunker(name, target, lm=lm).chunk(document, content_hash="abcdef0123")
+    assert_tiles(document, chunks)
+    assert chunks[0].chunk_id == "doc-1#abcdef01:0"
+
+
+def test_fixed_size_counts_tokens():
+    text = " ".join(f"w{i}" for i in range(10)) + "  "
+    chunks = FixedSizeChunker(4).chunk(Document("d", text))
+    assert [c.text for c in chunks] == ["w0 w1 w2 w3 ", "w4 w5 w6 w7 ", "w8 w9  "]
+
+
+def test_sentence_chunker_packs_whole_sentences():
+    text = "One two three. Four five. Six seven eight nine. Ten."
+    chunks = SentenceChunker(5).chunk(Document("d", text))
+    assert [c.text for c in chunks] == ["One two three. Four five. ", "Six seven eight nine. Ten."]
+
+
+def test_whitespace_and_single_sentence_documents():
+    for text in ["x", "   ", "Just one sentence without a stop", "\n\nTrailing newlines.\n\n"]:
+        for name in ["fixed", "sentence", "perplexity", "margin"]:
+            document = Document("d", text)
+            assert_tiles(document, make_chunker(name, 2, lm=WordLM()).chunk(document))
+
+
+@pytest.mark.parametrize("values, theta, expected", [
+    ([3.0, 1.0, 3.0, 2.0, 0.5, 2.5], 0.0, [1, 4]),  # two clear minima
+    ([3.0, 1.0, 3.0, 2.0, 0.5, 2.5], 1.9, [1, 4]),  # 4: 2.5-0.5 = 2.0 >= 1.9; 1: 3-1 = 2
+    ([3.0, 1.0, 3.0, 2.0, 0.5, 2.5], 2.1, []),  # no neighbour higher by >= 2.1
+    ([3.0, 2.9, 3.5, 1.0], 0.5, [1]),  # 1 is a minimum; only its right neighbour rises by 0.6
+    ([3.0, 2.9, 2.95, 1.0], 0.5, []),  # a minimum, but both rises below theta
+    ([5.0, 2.0, 2.0, 4.0], 1.0, [1]),  # plateau: left drop counts, the equal right neighbour does not cut
+    ([1.0, 2.0, 3.0, 4.0], 0.0, []),  # monotone: no local minimum
+    ([1.0, 0.5], 0.0, []),  # the last sentence never ends a chunk early
+    ([2.0, math.nan, 3.0, 1.0, 2.0], 0.0, [3]),  # NaN compares false: never a boundary
+])
+def test_perplexity_boundary_rule(values, theta, expected):
+    assert perplexity_boundaries(values, theta) == expected
+
+
+def test_perplexity_chunker_cuts_after_the_minimum_sentence():
+    # Sentence NLLs (one word each after the first): [1.0, 0.2, 3.0, 1.0] -> minimum at 1 -> cut after it.
+    text = "Alpha beta. Easy. Surprise! Normal."
+    lm = WordLM({"Easy.": 0.2, "Surprise!": 3.0})
+    chunker = PerplexityChunker(lm, target_tokens=1, theta=0.5)
+    sentences = sentence_spans(text)
+    ids, offsets = lm.tokenize_with_offsets(text)
+    assert sentence_nll(lm, ids, offsets, sentences) == [1.0, 0.2, 3.0, 1.0]
+    # target 1: pieces [0,1] (3 tokens) is oversized -> cut at its largest rise; then no merging at all.
+    assert [text[b:] for b in chunker.boundaries(text)] == ["Easy. Surprise! Normal.", "Surprise! Normal.",
+                                                            "Normal."]
+    merged = PerplexityChunker(lm, target_tokens=3, theta=0.5)
+    assert [text[b:] for b in merged.boundaries(text)] == ["Surprise! Normal."]
+
+
+def test_windowed_scoring_equals_one_pass_and_respects_context():
+    text = " ".join(f"word{i % 37}" for i in range(500))
+    lm = WordLM({f"word{i}": 0.1 * i for i in range(37)}, max_context=64)
+    ids, _ = lm.tokenize_with_offsets(text)
+    windowed = scored_logprobs(lm, ids, window=64)
+    expected = [-lm.nll[f"word{i % 37}"] for i in range(1, 500)]
+    assert windowed == pytest.approx(expected) and len(windowed) == 499
+    assert max(lm.scored_lengths) <= 64 and len(lm.scored_lengths) > 1
+
+
+def test_margin_chunker_keeps_sentences_the_model_says_continue():
+    text = "Cats purr. Traders sell. Snow falls. Dogs bark. Traders buy."
+    lm = WordLM(keep_words={"Snow"})
+    chunker = MarginChunker(lm, target_tokens=1000)
+    ends, margins = chunker.margins(text, sentence_spans(text))
+    assert margins == pytest.approx([-0.8, 0.8, -0.8, -0.8])
+    assert ends == [0, 2, 3]  # split before every sentence except "Snow falls."
+    assert [text[b:] for b in chunker.boundaries(text)] == []  # target 1000 merges everything back
+    assert [text[b:][:6] for b in MarginChunker(lm, target_tokens=4).boundaries(text)] == ["Trader", "Dogs b"]
+
+
+def test_margin_answer_tokens_must_be_single_tokens():
+    with pytest.raises(ValueError, match="needs 1"):
+        MarginChunker(WordLM(), split_answer="split here")
+
+
+def test_unknown_chunker_and_missing_model_are_errors():
+    with pytest.raises(ValueError, match="unknown chunker"):
+        make_chunker("semantic")
+    with pytest.raises(ValueError, match="needs a language model"):
+        make_chunker("perplexity")

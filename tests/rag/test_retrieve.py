@@ -1,0 +1,73 @@
+"""Hybrid retrieval over the real MiniLM: RRF arithmetic, citations point into the source text, filters,
+each retriever's strength and the fusion getting both, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from rag.ingest import Ingestor
+from rag.retrieve import HybridRetriever, reciprocal_rank_fusion
+from rag.store import EmbeddedStore
+from rag.types import Document
+
+DOCUMENTS = [
+    Document("kb-1", "Error code XQ-7731 means the flux capacitor lost sync. Restart the unit to clear it.",
+             {"team": "ops"}),
+    Document("kb-2", "When your laptop will not power on, hold the power button for thirty seconds.",
+             {"team": "it"}),
+    Document("kb-3", "Our cafeteria serves lentil soup every Tuesday and Thursday.", {"team": "facilities"}),
+    Document("kb-4", "Passwords expire after ninety days; choose a new one in the account portal.", {"team": "it"}),
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = EmbeddedStore(tmp_path_factory.mktemp("retrieve"))
+    Ingestor(store).ingest(DOCUMENTS, "sentence", 64)
+    yield store
+    store.close()
+
+
+def test_rrf_sums_reciprocal_ranks():
+    fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1]], k=60)
+    assert [i for i, _ in fused] == [1, 3, 2]
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62) and fused[2][1] == pytest.approx(1 / 62)
+
+
+def test_citations_point_into_the_document(store):
+    hits = HybridRetriever(store).retrieve("How often must I change my password?", top_k=2)
+    assert hits[0].chunk.document_id == "kb-4" and len(hits) == 2 and hits[0].score >= hits[1].score
+    text = {d.document_id: d.text for d in DOCUMENTS}[hits[0].chunk.document_id]
+    assert text[hits[0].chunk.char_start:hits[0].chunk.char_end] == hits[0].chunk.text
+
+
+def test_each_retriever_has_a_strength_and_fusion_keeps_both(store):
+    exact, paraphrase = "XQ-7731", "my computer does not start"
+    assert HybridRetriever(store, mode="bm25").retrieve(exact, 1)[0].chunk.document_id == "kb-1"
+    assert HybridRetriever(store, mode="bm25").retrieve(paraphrase, 1) == []  # no shared term
+    assert HybridRetriever(store, mode="dense").retrieve(paraphrase, 1)[0].chunk.document_id == "kb-2"
+    hybrid = HybridRetriever(store)
+    assert hybrid.retrieve(exact, 1)[0].chunk.document_id == "kb-1"
+    assert hybrid.retrieve(paraphrase, 1)[0].chunk.document_id == "kb-2"
+
+
+def test_metadata_filters(store):
+    retriever = HybridRetriever(store)
+    hits = retriever.retrieve("soup on Tuesday", top_k=4, filters={"team": "it"})
+    assert hits and {h.chunk.document_id for h in hits} <= {"kb-2", "kb-4"}
+    assert retriever.retrieve("soup", filters={"team": "nobody"}) == []
+    assert retriever.retrieve("soup", filters={"team": "facilities", "missing": "x"}) == []
+
+
+def test_bounds_and_empty_store(store, tmp_path):
+    retriever = HybridRetriever(store)
+    for top_k in (0, -1, 1001):
+        with pytest.raises(ValueError, match="top_k"):
+            retriever.retrieve("soup", top_k=top_k)
+    with pytest.raises(ValueError, match="empty"):
+        retriever.retrieve("   ")
+    with pytest.raises(ValueError, match="mode"):
+        HybridRetriever(store, mode="magic")
+    empty = EmbeddedStore(tmp_path / "empty")
+    assert HybridRetriever(empty).retrieve("anything") == []
+    empty.close()
