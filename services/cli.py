@@ -19,6 +19,7 @@ def _configure_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)r")
+    logging.getLogger("bm25s").setLevel(max(level, logging.WARNING))  # it sets itself to DEBUG
 
 
 def cmd_info(args) -> int:
@@ -100,6 +101,97 @@ def _generate_embedded(args) -> int:
     return 0
 
 
+def _rag_location(config) -> tuple[str, str]:
+    from services.config import longbow_home
+
+    return config.rag.store_url, config.rag.data_dir or str(longbow_home() / "rag")
+
+
+def _embedded_lm(config):
+    from services.engine.engine import LLMEngine
+    from services.engine.lm import EngineLM
+    from services.engine.weights import load_tokenizer
+
+    engine = LLMEngine(config)
+    return EngineLM(engine, load_tokenizer(engine.loaded.checkpoint))
+
+
+def _show_progress(progress) -> None:
+    print(f"\ringest: {progress.documents_done}/{progress.documents_total} documents, "
+          f"{progress.chunks_written} chunks, {progress.documents_unchanged} unchanged", end="", file=sys.stderr, flush=True)
+
+
+def cmd_ingest(args) -> int:
+    """Chunk, embed and store files (directories: their .txt/.md/.rst files), with progress."""
+    from rag.ingest import ingest_paths, read_documents
+
+    config = load_config(args.config)
+    chunker = args.chunker or config.rag.default_chunker
+    target = args.target_tokens or config.rag.target_chunk_tokens
+    try:
+        if args.address:
+            from services.client.sdk import LongbowClient
+
+            with LongbowClient(args.address, token=args.token or "") as client:
+                progress = client.ingest(read_documents(args.paths), chunker=chunker, target_chunk_tokens=target,
+                                         on_progress=_show_progress)
+        else:
+            store_url, data_dir = _rag_location(config)
+            lm = _embedded_lm(config) if chunker in ("perplexity", "margin") else None
+            progress = ingest_paths(args.paths, store_url=store_url, data_dir=data_dir, chunker=chunker,
+                                    target_tokens=target, lm=lm, on_progress=_show_progress)
+    except (ValueError, OSError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    print(file=sys.stderr)
+    return 0
+
+
+def cmd_query(args) -> int:
+    """Retrieve chunks for a question (citations), and with --answer generate an answer from them."""
+    config = load_config(args.config)
+    if args.address:
+        return _query_remote(args)
+    from rag.retrieve import open_retriever
+
+    store_url, data_dir = _rag_location(config)
+    retriever = open_retriever(store_url, data_dir)
+    if not args.answer:
+        _print_citations([(h.chunk.document_id, h.chunk.char_start, h.chunk.char_end, h.score, h.chunk.text)
+                          for h in retriever.retrieve(args.question, args.top_k)])
+        return 0
+    from rag.flows import run_flow
+
+    result = run_flow(args.flow, args.question, retriever, _embedded_lm(config), top_k=args.top_k,
+                      on_text=lambda text: print(text, end="", flush=True))
+    print()
+    _print_citations([(h.chunk.document_id, h.chunk.char_start, h.chunk.char_end, h.score, h.chunk.text)
+                      for h in result.hits])
+    return 0
+
+
+def _query_remote(args) -> int:
+    from services.client.sdk import LongbowClient, LongbowError
+
+    try:
+        with LongbowClient(args.address, token=args.token or "") as client:
+            result = client.query(args.question, top_k=args.top_k, answer=args.answer,
+                                  flow=args.flow if args.answer else "")
+    except LongbowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.answer:
+        print(result.answer)
+    _print_citations([(c.document_id, c.char_start, c.char_end, c.score, c.text) for c in result.citations])
+    return 0
+
+
+def _print_citations(rows) -> None:
+    for rank, (document_id, start, end, score, text) in enumerate(rows, 1):
+        snippet = " ".join(text.split())[:100]
+        print(f"[{rank}] {document_id}:{start}-{end} score={score:.4f}  {snippet}", file=sys.stderr)
+
+
 def cmd_context(args) -> int:
     """Typed-hole context for FILE:LINE:COL: expected type, relevant types and headers, packed."""
     import os
@@ -165,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(fn=cmd_generate)
+    ingest = sub.add_parser("ingest", help="chunk, embed and store files for retrieval (embedded store, or --address)")
+    ingest.add_argument("paths", nargs="+", help="files or directories (.txt .md .rst)")
+    ingest.add_argument("--chunker", choices=["fixed", "sentence", "perplexity", "margin"],
+                        help="default: rag.default_chunker (perplexity)")
+    ingest.add_argument("--target-tokens", type=int, default=0, help="target chunk length (default from config)")
+    ingest.add_argument("--address", help="host:port of a running `longbow serve`")
+    ingest.add_argument("--token", help="bearer token for a server with auth")
+    ingest.set_defaults(fn=cmd_ingest)
+    query = sub.add_parser("query", help="retrieve chunks for a question; --answer generates an answer from them")
+    query.add_argument("question")
+    query.add_argument("--top-k", type=int, default=5)
+    query.add_argument("--answer", action="store_true", help="generate an answer (streamed) with --flow")
+    query.add_argument("--flow", default="single", choices=["none", "single", "fixed_interval", "flare", "dragin"])
+    query.add_argument("--address", help="host:port of a running `longbow serve`")
+    query.add_argument("--token", help="bearer token for a server with auth")
+    query.set_defaults(fn=cmd_query)
     ctx = sub.add_parser("context", help="typed-hole code context for FILE:LINE:COL (embedded, or a server with --address)")
     ctx.add_argument("location", help="FILE:LINE:COL, 1-based")
     ctx.add_argument("--root", help="workspace root (default: the current directory); nothing outside it is read")

@@ -1,0 +1,42 @@
+"""The CLI's retrieval and code-context commands, embedded (no server), on real files."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli import main
+
+
+@pytest.fixture
+def rag_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGBOW_RAG_DIR", str(tmp_path / "rag"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "zorblat.md").write_text("# Zorblat\n\nZorblat is a city on the river Quen. Mira Tal founded it in 1820.\n")
+    (docs / "bells.txt").write_text("Glass bells are rung at dawn in the harbour of Vessa.\n")
+    return docs
+
+
+def test_ingest_then_query_embedded(rag_dir, capsys):
+    assert main(["ingest", str(rag_dir), "--chunker", "sentence"]) == 0
+    assert "2/2 documents" in capsys.readouterr().err
+    assert main(["ingest", str(rag_dir), "--chunker", "sentence"]) == 0
+    assert "2 unchanged" in capsys.readouterr().err  # idempotent
+    assert main(["query", "Who founded Zorblat?", "--top-k", "1"]) == 0
+    assert "zorblat.md:0-" in capsys.readouterr().err
+
+
+def test_ingest_errors_are_reported(rag_dir, tmp_path, capsys):
+    assert main(["ingest", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_context_command(tmp_path, capsys):
+    (tmp_path / "shapes.py").write_text(
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass Box:\n    side: float\n\n\n"
+        "def unit() -> Box:\n    return \n")
+    assert main(["context", f"{tmp_path / 'shapes.py'}:10:12", "--root", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "expected type: Box" in captured.err and "class Box" in captured.out
+    assert main(["context", f"{tmp_path / 'shapes.py'}:99:1", "--root", str(tmp_path)]) == 2
+    assert main(["context", "/etc/hostname:1:1", "--root", str(tmp_path)]) == 2
