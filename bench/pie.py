@@ -98,7 +98,7 @@ def run_sample(manager, pre: str, edit, real: str, modes: list[str]) -> dict:
 
 
 def collect(manager, tokenizer, files, samples: int, context_tokens: int, seed: int, modes: list[str],
-            with_prediction: bool = True) -> list[dict]:
+            checkpoint=None) -> list[dict]:
     rng = random.Random(seed)
     kinds = ["insert", "delete", "replace"]
     rows = []
@@ -116,6 +116,8 @@ def collect(manager, tokenizer, files, samples: int, context_tokens: int, seed: 
         for mode in modes:
             results[mode]["exact_match"] = results[mode]["prediction"].strip() == target.strip()
         rows.append(row)
+        if checkpoint:
+            checkpoint(rows)  # partial results survive an interrupted run
         tokens = results[modes[0]]["tokens"]
         log(f"[{len(rows)}/{samples}] {path.name} {kind} {tokens} tokens, {time.perf_counter() - began:.1f}s: "
             + " ".join(f"{m}={'EM' if results[m]['exact_match'] else '--'}/{results[m]['seconds'] * 1000:.0f}ms"
@@ -156,7 +158,12 @@ def main() -> None:
     parser.add_argument("--timing-tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pie.json"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core box two threads per process oversubscribe it)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from services.config import EngineConfig, LongbowConfig, ModelSource, SessionsConfig
     from services.engine.engine import LLMEngine
@@ -173,21 +180,30 @@ def main() -> None:
     manager = SessionManager(engine, tokenizer, sessions)
     files = stdlib_files(tokenizer, args.context_tokens)
     log(f"{len(files)} standard-library files; {args.samples} samples at ~{args.context_tokens} tokens")
-    quality = collect(manager, tokenizer, files, args.samples, args.context_tokens, args.seed, MODES)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(stage: str):
+        return lambda rows: out.with_suffix(f".{stage}.partial.json").write_text(json.dumps(rows, indent=1))
+
+    quality = collect(manager, tokenizer, files, args.samples, args.context_tokens, args.seed, MODES, save("quality"))
     log(f"timing: {args.timing_samples} samples at ~{args.timing_tokens} tokens")
     timing_files = stdlib_files(tokenizer, args.timing_tokens)
-    timing = collect(manager, tokenizer, timing_files, args.timing_samples, args.timing_tokens, args.seed + 1, MODES)
+    timing = collect(manager, tokenizer, timing_files, args.timing_samples, args.timing_tokens, args.seed + 1, MODES,
+                     save("timing"))
     report = {
         "command": "python bench/pie.py " + " ".join(sys.argv[1:]),
+        "load_average_at_end": list(__import__("os").getloadavg()),
         "quality": {"context_tokens": args.context_tokens, "samples": len(quality), "summary": summarise(quality, MODES)},
         "timing": {"context_tokens": args.timing_tokens, "samples": len(timing), "summary": summarise(timing, MODES)},
         "rows": {"quality": quality, "timing": timing},
     }
     print_table(f"next-line exact match and update time at ~{args.context_tokens} tokens", report["quality"]["summary"], len(quality))
     print_table(f"update time at ~{args.timing_tokens} tokens", report["timing"]["summary"], len(timing))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    log(f"wrote {args.out}")
+    out.write_text(json.dumps(report, indent=1))
+    for stage in ("quality", "timing"):
+        out.with_suffix(f".{stage}.partial.json").unlink(missing_ok=True)
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

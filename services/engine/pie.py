@@ -108,10 +108,11 @@ class DocumentKV:
 
     # ---- prediction ----------------------------------------------------------------------------
     def predict(self, prefix_tokens: int, extra_ids: list[int], max_tokens: int,
-                stop_ids: set[int], stop_when=None) -> list[int]:
+                stop_ids: set[int], stop_when=None, first_allowed: list[int] | None = None) -> list[int]:
         """Greedy tokens continuing the first `prefix_tokens` tokens (+ extra_ids, e.g. the part of a
         token before the cursor). Later tokens stay cached but invisible; nothing cached is changed.
-        `stop_when(generated_ids)` may end early (a finished line)."""
+        `stop_when(generated_ids)` may end early (a finished line); `first_allowed` restricts the first
+        token (token healing)."""
         if extra_ids:
             feed, position, visible = list(extra_ids), prefix_tokens, self.slots[:prefix_tokens]
         elif prefix_tokens:
@@ -127,7 +128,11 @@ class DocumentKV:
                 scratch += slots
                 logits = self._forward(feed, list(range(position, position + len(feed))), slots, visible, sample=True)
                 visible, position = visible + slots, position + len(feed)
-                token = int(torch.argmax(logits))
+                if first_allowed and not generated:
+                    allowed = torch.tensor(first_allowed, dtype=torch.int64, device=logits.device)
+                    token = int(allowed[torch.argmax(logits[allowed])])
+                else:
+                    token = int(torch.argmax(logits))
                 if token in stop_ids:
                     break
                 generated.append(token)

@@ -67,6 +67,7 @@ class SessionManager:
         self.reencodes = 0
         self._ids = itertools.count()
         self.eos = set(engine.loaded.args.eos_token_ids)
+        self._vocabulary: dict[str, list[tuple[int, str]]] | None = None  # first character -> (id, text)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def open(self, text: str, client: str = "", idle_timeout_s: float = 0.0,
@@ -146,7 +147,12 @@ class SessionManager:
         return True
 
     def predict(self, session_id: str, cursor: int, max_tokens: int = 0) -> str:
-        """Greedy continuation of the text before `cursor`. max_tokens 0: up to the end of the line."""
+        """Greedy continuation of the text before `cursor`. max_tokens 0: up to the end of the line.
+
+        NOTE: token healing. A cursor at a line start cuts "\n" from the indentation it is normally
+        merged with ("\n        "), a boundary the model almost never saw: SmolLM2 then predicted a comment
+        line ("#   ...") on nearly every stdlib sample. So the last token before the cursor (and any partial
+        token) is taken back and the first new token must start with that text."""
         session = self._get(session_id)
         document = session.document
         if not 0 <= cursor <= len(document.text):
@@ -154,13 +160,32 @@ class SessionManager:
         if max_tokens > MAX_PREDICT_TOKENS:
             raise InvalidRequestError(f"max_tokens must be at most {MAX_PREDICT_TOKENS}")
         prefix = document.tokens_before(cursor)
-        partial = document.text[document.spans[prefix][0]: cursor] if prefix < len(document.spans) else ""
-        extra = list(self.tokenizer(partial, add_special_tokens=False).input_ids) if partial else []
+        head = document.text[document.spans[prefix - 1][0]: cursor] if prefix >= 2 else ""
+        allowed = self._tokens_starting_with(head) if head else []
+        extra: list[int] = []
+        if allowed:
+            prefix -= 1
+        else:
+            head = ""
+            partial = document.text[document.spans[prefix][0]: cursor] if prefix < len(document.spans) else ""
+            extra = list(self.tokenizer(partial, add_special_tokens=False).input_ids) if partial else []
         self._check_size(prefix + len(extra) + (max_tokens or LINE_TOKENS))
-        until_newline = (lambda ids: "\n" in self._decode(ids)) if max_tokens == 0 else None
-        ids = session.kv.predict(prefix, extra, max_tokens or LINE_TOKENS, self.eos, until_newline)
+        until_newline = (lambda ids: "\n" in self._decode(ids)[len(head):]) if max_tokens == 0 else None
+        ids = session.kv.predict(prefix, extra, max_tokens or LINE_TOKENS, self.eos, until_newline, allowed or None)
         text = self._decode(ids)
+        text = text[len(head):] if text.startswith(head) else text
         return text.split("\n", 1)[0] if max_tokens == 0 else text
+
+    def _tokens_starting_with(self, head: str) -> list[int]:
+        """Ids of every (non-special) token whose text starts with `head`."""
+        if self._vocabulary is None:
+            special = set(self.tokenizer.all_special_ids)
+            self._vocabulary = {}
+            pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])  # one Rust call
+            for token_id, piece in enumerate(pieces):
+                if piece and token_id not in special:
+                    self._vocabulary.setdefault(piece[0], []).append((token_id, piece))
+        return [i for i, piece in self._vocabulary.get(head[0], []) if piece.startswith(head)]
 
     def text(self, session_id: str) -> str:
         return self._get(session_id).document.text

@@ -54,12 +54,6 @@ def manager(engine, tokenizer, clock):
     assert engine.scheduler.kv_blocks_used == 0
 
 
-def _greedy_line(engine, tokenizer, text, max_tokens=64):
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    [done] = engine.generate([ids], SamplingParams(max_tokens=max_tokens))
-    return tokenizer.decode(done.token_ids, skip_special_tokens=True)
-
-
 def test_full_mode_predictions_equal_a_fresh_encoding(manager, engine, tokenizer):
     session = manager.open(SOURCE, mode=UpdateMode.FULL)
     edits = [TextEdit(6, 11, "Queue"), TextEdit(len(SOURCE) - 5, len(SOURCE) - 5, "ek_or_pe")]
@@ -67,10 +61,24 @@ def test_full_mode_predictions_equal_a_fresh_encoding(manager, engine, tokenizer
     text = manager.text(session.session_id)
     assert text == SOURCE[:6] + "Queue" + SOURCE[11:len(SOURCE) - 5] + "ek_or_pe" + SOURCE[len(SOURCE) - 5:]
     assert session.kv.token_ids == list(tokenizer(text, add_special_tokens=False).input_ids)
-    expected = _greedy_line(engine, tokenizer, text).split("\n", 1)[0]
-    assert manager.predict(session.session_id, len(text)) == expected
+    fresh = manager.open(text)
     cursor = text.index("self.items.append") + len("self.it")  # mid-token cursor
-    assert manager.predict(session.session_id, cursor, max_tokens=5) == _greedy_line(engine, tokenizer, text[:cursor], 5)
+    for at, max_tokens in [(len(text), 0), (cursor, 5), (text.index("    def pop"), 6)]:
+        assert manager.predict(session.session_id, at, max_tokens) == manager.predict(fresh.session_id, at, max_tokens)
+
+
+def test_token_healing_at_a_line_start(manager, engine, tokenizer):
+    """A cursor right after a newline takes the newline back and lets the model pick a token that starts
+    with it (newline + indentation is usually one token): the body gets indented."""
+    text = "def double(x):\n    return 2 * x\n\n\ndef triple(x):\n"
+    session = manager.open(text)
+    indent_token = tokenizer("\n    ", add_special_tokens=False).input_ids
+    assert len(indent_token) == 1 and indent_token[0] in manager._tokens_starting_with("\n")
+    line = manager.predict(session.session_id, len(text))
+    assert line.startswith("    ") and not line.strip().startswith("#"), line
+    # without healing the engine's own greedy continuation of the same tokens starts elsewhere
+    [plain] = engine.generate([session.kv.token_ids], SamplingParams(max_tokens=1))
+    assert plain.token_ids[0] not in manager._tokens_starting_with("\n    ")
 
 
 def test_pie_session_keeps_positions_and_counts_work(manager, tokenizer):
