@@ -25,17 +25,22 @@ def client(gateway):
         yield c
 
 
-def _greedy(client, text, max_tokens):
-    return client.generate(text, max_tokens=max_tokens, temperature=0.0).text
+def _fresh_prediction(client, text, cursor, max_tokens):
+    """What a session opened on `text` itself predicts (no edits: the reference)."""
+    sid = client.open_session(text)
+    try:
+        return client.predict(sid, cursor, max_tokens=max_tokens)
+    finally:
+        client.close_session(sid)
 
 
-def test_full_mode_session_predicts_like_generate(client, gateway):
+def test_full_mode_session_predicts_like_a_fresh_one(client, gateway):
     sid = client.open_session(SOURCE, mode="full")
     new_text = SOURCE.replace("def area", "def rectangle_area")
     result = client.apply_edits(sid, [Edit(4, 8, "rectangle_area")])
     assert result.tokens_encoded == result.tokens  # the exact baseline re-encodes everything
-    prediction = client.predict(sid, len(new_text), max_tokens=8)
-    assert prediction == _greedy(client, new_text, 8)
+    for cursor in (len(new_text), new_text.index("    return 2")):
+        assert client.predict(sid, cursor, max_tokens=8) == _fresh_prediction(client, new_text, cursor, 8)
     client.close_session(sid)
     assert gateway.wait_until_idle()["kv_blocks_used"] == 0
 
@@ -50,7 +55,7 @@ def test_pie_session_edits_reposition_and_reencode(client, gateway):
     text = big_insert + SOURCE.replace("def area", "def rectangle_area")
     # The re-encode ran on the engine thread before this call (commands are FIFO): the KV is exact
     # again, so the prediction equals a fresh encoding's.
-    assert client.predict(sid, len(text), max_tokens=6) == _greedy(client, text, 6)
+    assert client.predict(sid, len(text), max_tokens=6) == _fresh_prediction(client, text, len(text), 6)
     line = client.predict(sid, text.index("    return width") + len("    return"))
     assert "\n" not in line
     client.close_session(sid)
@@ -81,7 +86,7 @@ def test_bad_input_gets_clear_codes_and_keeps_the_session(client, gateway):
         with pytest.raises(LongbowError) as err:
             call()
         assert err.value.code == code, err.value
-    assert client.predict(sid, len(SOURCE), max_tokens=2)  # still there, still serving
+    assert isinstance(client.predict(sid, len(SOURCE), max_tokens=2), str)  # still there, still serving
     client.close_session(sid)
     assert gateway.wait_until_idle()["kv_blocks_used"] == 0
 
