@@ -81,13 +81,11 @@ def make_retriever(kind: str, documents: list[Document], directory: str) -> tupl
 
 def load_lm():
     from services.config import EngineConfig, LongbowConfig, ModelSource
-    from services.engine.engine import LLMEngine
     from services.engine.lm import EngineLM
-    from services.engine.weights import load_model, load_tokenizer
 
-    model = load_model(ModelSource(device="cpu", dtype="float32"))
-    config = LongbowConfig(engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))
-    return EngineLM(LLMEngine(config, model), load_tokenizer(model.checkpoint))
+    config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
+                           engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))
+    return EngineLM.from_config(config)
 
 
 # --- the run --------------------------------------------------------------------------------------------

@@ -108,12 +108,9 @@ def _rag_location(config) -> tuple[str, str]:
 
 
 def _embedded_lm(config):
-    from services.engine.engine import LLMEngine
     from services.engine.lm import EngineLM
-    from services.engine.weights import load_tokenizer
 
-    engine = LLMEngine(config)
-    return EngineLM(engine, load_tokenizer(engine.loaded.checkpoint))
+    return EngineLM.from_config(config)
 
 
 def _show_progress(progress) -> None:

@@ -9,9 +9,11 @@ import contextlib
 import threading
 
 from rag.lm import LM, LMGeneration
+from services.config import LongbowConfig, load_config
 from services.engine.engine import AsyncLLMEngine, Completion, LLMEngine
 from services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
 from services.engine.types import FinishReason, Request, SamplingParams
+from services.engine.weights import load_tokenizer
 
 
 class _TokenizerMixin:
@@ -46,6 +48,12 @@ class EngineLM(_TokenizerMixin, LM):
     def __init__(self, engine: LLMEngine, tokenizer):
         self.engine, self.tokenizer = engine, tokenizer
         self.max_context = engine.max_model_len
+
+    @classmethod
+    def from_config(cls, config: LongbowConfig | None = None) -> "EngineLM":
+        """A fresh engine on the configured (default: bundled) model, with its tokenizer (CLI, benchmarks)."""
+        engine = LLMEngine(config or load_config())
+        return cls(engine, load_tokenizer(engine.loaded.checkpoint))
 
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         return self.engine.score(token_ids)
