@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     AsyncCallbackManagerForRetrieverRun,
@@ -34,69 +32,18 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
-from longbow.v1 import generation_pb2 as gen_pb
 from services.client.retrieval import Citation
 from services.client.sdk import (
     AsyncLongbowClient,
     Generation,
     LongbowClient,
-    LongbowError,
     RetryPolicy,
-    build_request,
 )
+from services.client.sdk import GenerationChunk as StreamChunk
 
 # Sampling settings a single call may override (`model.invoke(..., max_tokens=8)` or `.bind(...)`).
 _PER_CALL = ("temperature", "max_tokens", "min_tokens", "top_p", "top_k", "seed")
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}  # LangChain message type -> chat role
-
-
-@dataclass
-class _StreamPiece:
-    """One streamed chunk with the usage the SDK's GenerationChunk leaves out (set on the last one)."""
-
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    request_id: str
-
-
-def _piece(chunk: gen_pb.GenerateChunk) -> _StreamPiece:
-    reason = None
-    if chunk.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:  # FINISH_REASON_STOP -> "stop"
-        reason = gen_pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
-    usage = chunk.usage
-    return _StreamPiece(chunk.text, reason, usage.prompt_tokens, usage.completion_tokens, chunk.request_id)
-
-
-# NOTE: the SDK's generate_stream drops the usage the last GenerateChunk carries, and LangChain wants
-# input/output token counts on a streamed message too. These subclasses stream the same call (same
-# timeout, auth metadata, cancellation and error mapping) keeping the usage; once GenerationChunk keeps
-# usage, delete them and call generate_stream.
-class _Client(LongbowClient):
-    def stream_pieces(self, **request: Any) -> Iterator[_StreamPiece]:
-        call = self._generation.GenerateStream(build_request(**request), timeout=self.timeout_s,
-                                               metadata=self._metadata)
-        try:
-            for chunk in call:
-                yield _piece(chunk)
-        except grpc.RpcError as exc:
-            raise LongbowError(exc.code(), exc.details()) from None
-        finally:
-            call.cancel()  # no-op when finished; aborts generation when the caller stopped early
-
-
-class _AsyncClient(AsyncLongbowClient):
-    async def stream_pieces(self, **request: Any) -> AsyncIterator[_StreamPiece]:
-        call = self._generation.GenerateStream(build_request(**request), timeout=self.timeout_s,
-                                               metadata=self._metadata)
-        try:
-            async for chunk in call:
-                yield _piece(chunk)
-        except grpc.RpcError as exc:
-            raise LongbowError(exc.code(), exc.details()) from None
-        finally:
-            call.cancel()
 
 
 def to_chat_messages(messages: list[BaseMessage]) -> list[dict[str, str]]:
@@ -156,8 +103,8 @@ class _GatewaySettings(BaseModel):
     stop: list[str] | None = None
     streaming: bool = False  # invoke() streams under the hood (callbacks see every token)
 
-    _client: _Client | None = PrivateAttr(default=None)
-    _async_client: tuple[asyncio.AbstractEventLoop, _AsyncClient] | None = PrivateAttr(default=None)
+    _client: LongbowClient | None = PrivateAttr(default=None)
+    _async_client: tuple[asyncio.AbstractEventLoop, AsyncLongbowClient] | None = PrivateAttr(default=None)
 
     def _request(self, stop: list[str] | None, overrides: dict[str, Any]) -> dict[str, Any]:
         """The SDK's generate() keyword arguments for one call (None settings take the server default)."""
@@ -175,17 +122,17 @@ class _GatewaySettings(BaseModel):
                     root_certificates=self.root_certificates, timeout_s=self.timeout,
                     retry=RetryPolicy(attempts=self.max_retries + 1))
 
-    def _sync_client(self) -> _Client:
+    def _sync_client(self) -> LongbowClient:
         if self._client is None:  # made on first use: building a model opens no connection
-            self._client = _Client(self.target, **self._connection())
+            self._client = LongbowClient(self.target, **self._connection())
         return self._client
 
-    def _async_client_for_loop(self) -> _AsyncClient:
+    def _async_client_for_loop(self) -> AsyncLongbowClient:
         # NOTE: a grpc.aio channel belongs to the event loop that made it; a model used from several
         # loops (asyncio.run per call, one loop per test) gets a client for the current one.
         loop = asyncio.get_running_loop()
         if self._async_client is None or self._async_client[0] is not loop:
-            self._async_client = (loop, _AsyncClient(self.target, **self._connection()))
+            self._async_client = (loop, AsyncLongbowClient(self.target, **self._connection()))
         return self._async_client[1]
 
     @property
@@ -225,7 +172,7 @@ class LongbowChatModel(_GatewaySettings, BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         chat, request = to_chat_messages(messages), self._request(stop, kwargs)
-        for piece in self._sync_client().stream_pieces(messages=chat, **request):
+        for piece in self._sync_client().generate_stream(messages=chat, **request):
             chunk = self._chat_chunk(piece)
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -235,7 +182,7 @@ class LongbowChatModel(_GatewaySettings, BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         chat, request = to_chat_messages(messages), self._request(stop, kwargs)
-        async for piece in self._async_client_for_loop().stream_pieces(messages=chat, **request):
+        async for piece in self._async_client_for_loop().generate_stream(messages=chat, **request):
             chunk = self._chat_chunk(piece)
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -248,7 +195,7 @@ class LongbowChatModel(_GatewaySettings, BaseChatModel):
         generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
         return ChatResult(generations=[generation])
 
-    def _chat_chunk(self, piece: _StreamPiece) -> ChatGenerationChunk:
+    def _chat_chunk(self, piece: StreamChunk) -> ChatGenerationChunk:
         if piece.finish_reason is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
         message = AIMessageChunk(content=piece.text, chunk_position="last",
@@ -282,7 +229,7 @@ class LongbowLLM(_GatewaySettings, LLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
-        for piece in self._sync_client().stream_pieces(prompt=prompt, **self._request(stop, kwargs)):
+        for piece in self._sync_client().generate_stream(prompt=prompt, **self._request(stop, kwargs)):
             chunk = self._text_chunk(piece)
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -292,14 +239,14 @@ class LongbowLLM(_GatewaySettings, LLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         request = self._request(stop, kwargs)
-        async for piece in self._async_client_for_loop().stream_pieces(prompt=prompt, **request):
+        async for piece in self._async_client_for_loop().generate_stream(prompt=prompt, **request):
             chunk = self._text_chunk(piece)
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
     @staticmethod
-    def _text_chunk(piece: _StreamPiece) -> GenerationChunk:
+    def _text_chunk(piece: StreamChunk) -> GenerationChunk:
         if piece.finish_reason is None:
             return GenerationChunk(text=piece.text)
         return GenerationChunk(text=piece.text, generation_info={

@@ -41,10 +41,15 @@ class Generation:
 
 @dataclass
 class GenerationChunk:
+    """A streamed piece. The last one (finish_reason set) also carries the usage and request id."""
+
     text: str
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    request_id: str = ""
 
 
 @dataclass
@@ -85,7 +90,8 @@ def _generation(r: gen_pb.GenerateResponse) -> Generation:
 
 
 def _chunk(c: gen_pb.GenerateChunk) -> GenerationChunk:
-    return GenerationChunk(c.text, list(c.token_ids), _FINISH[c.finish_reason], [t.logprob for t in c.tokens])
+    return GenerationChunk(c.text, list(c.token_ids), _FINISH[c.finish_reason], [t.logprob for t in c.tokens],
+                           c.usage.prompt_tokens, c.usage.completion_tokens, c.request_id)
 
 
 def _open_channel(target: str, root_certificates: bytes | None, aio: bool):

@@ -29,6 +29,8 @@ def test_generate_unary_and_stream_agree(client, gateway):
     assert "".join(c.text for c in chunks) == unary.text
     assert [t for c in chunks for t in c.token_ids] == unary.token_ids
     assert chunks[-1].finish_reason == "length"
+    last = chunks[-1]
+    assert (last.prompt_tokens, last.completion_tokens) == (unary.prompt_tokens, 12) and last.request_id
     assert gateway.wait_until_idle()["kv_blocks_used"] == 0
 
 
