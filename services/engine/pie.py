@@ -64,7 +64,7 @@ class DocumentKV:
         began = time.perf_counter()
         self._free += self.slots
         self.token_ids, self.slots = [], []
-        self._encode_at(0, list(token_ids))
+        self._insert_encoded(0, list(token_ids))
         return UpdateStats(len(token_ids), 0, time.perf_counter() - began)
 
     def fork(self) -> "DocumentKV":
@@ -95,7 +95,7 @@ class DocumentKV:
         if mode == UpdateMode.SUFFIX:
             suffix = [*new_ids, *self.token_ids[end:]]
             self._truncate(start)
-            self._encode_at(start, suffix)
+            self._insert_encoded(start, suffix)
             return UpdateStats(len(suffix), 0, time.perf_counter() - began)
         delta = len(new_ids) - (end - start)
         later_slots = self.slots[end:]
@@ -153,18 +153,9 @@ class DocumentKV:
         return [by_slot[slot] for slot in self.slots]
 
     # ---- internals -----------------------------------------------------------------------------
-    def _encode_at(self, start: int, token_ids: list[int]) -> None:
-        """Append token_ids at positions start.. (the document must have exactly `start` tokens)."""
-        assert len(self.token_ids) == start
-        for lo in range(0, len(token_ids), self.chunk_tokens):
-            chunk = token_ids[lo: lo + self.chunk_tokens]
-            slots = self._take(len(chunk))
-            self._forward(chunk, list(range(start + lo, start + lo + len(chunk))), slots, list(self.slots))
-            self.token_ids += chunk
-            self.slots += slots
-
     def _insert_encoded(self, start: int, new_ids: list[int]) -> None:
-        """Encode new_ids at positions start.. against the prefix only, and splice them in."""
+        """Encode new_ids at positions start.. against the prefix only, and splice them in (at the end
+        when start == len(token_ids): opening, re-encoding, suffix recompute)."""
         new_slots: list[int] = []
         for lo in range(0, len(new_ids), self.chunk_tokens):
             chunk = new_ids[lo: lo + self.chunk_tokens]

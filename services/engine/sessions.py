@@ -126,11 +126,17 @@ class SessionManager:
         session = self._get(session_id)
         planned = self._plan(session.document, edits)
         began, encoded = time.perf_counter(), 0
-        for edit in planned:
-            stats = session.kv.replace(edit.start, edit.end, list(edit.new_ids), session.mode)
-            encoded += stats.tokens_encoded
-            session.changed_since_encode += len(edit.new_ids) + (edit.end - edit.start)
-            session.edits_since_encode += 1
+        try:
+            for edit in planned:
+                stats = session.kv.replace(edit.start, edit.end, list(edit.new_ids), session.mode)
+                encoded += stats.tokens_encoded
+                session.changed_since_encode += len(edit.new_ids) + (edit.end - edit.start)
+                session.edits_since_encode += 1
+        except CapacityError:
+            # The KV filled up halfway through an update: what is cached no longer matches any text.
+            self.close(session_id)
+            raise CapacityError("KV cache is full: the edits could not be applied and the session was "
+                                "closed (its KV freed); open it again later") from None
         session.document = planned[-1].after if planned else session.document
         due = session.mode == UpdateMode.PIE and session.changed_since_encode > self.config.drift_budget_tokens
         return EditOutcome(len(session.document.token_ids), encoded, time.perf_counter() - began, due)

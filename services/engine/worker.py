@@ -84,7 +84,7 @@ class ModelRunner:
 
     def _select(self, plan: StepPlan) -> _ShardBatch:
         """This shard's new tokens of every chunk, and the local slots of every request's KV here."""
-        batch, bs = _ShardBatch(), self.layout.block_size
+        batch = _ShardBatch()
         for chunk in plan.chunks:
             start = len(batch.tokens)
             for token, pos, slot in zip(chunk.token_ids, chunk.positions, chunk.slots):

@@ -135,3 +135,14 @@ def test_unknown_sessions_limits_and_expiry(manager, clock, engine):
     with pytest.raises(UnknownRequestError):
         manager.close(a.session_id)
     assert engine.scheduler.kv_blocks_used == 0
+
+
+def test_an_edit_that_overflows_the_cache_closes_the_session(loaded_model, tokenizer):
+    small = LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=64, block_size=16, num_blocks=4)), loaded_model)
+    manager = SessionManager(small, tokenizer, SessionsConfig())
+    session = manager.open("def f(x):\n    return x + 1\n")
+    with pytest.raises(CapacityError, match="session was closed"):
+        manager.apply_edits(session.session_id, [TextEdit(0, 0, "y = [1, 2, 3]\n" * 12)])
+    with pytest.raises(UnknownRequestError):
+        manager.predict(session.session_id, 0)
+    assert small.scheduler.pool.num_free == 4
