@@ -42,13 +42,10 @@ import jedi
 import rich
 import typer
 
-# NOTE: run as a script, bench/ is sys.path[0] and bench/rag.py would shadow the `rag` package.
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
-sys.modules.pop("rag", None)
 
-from rag.codectx.packing import approximate_tokens
-from rag.codectx.service import CodeContextService, HoleRequest
+from longbow.rag.codectx.packing import approximate_tokens
+from longbow.rag.codectx.service import CodeContextService, HoleRequest
 
 PACKAGES = {"rich": Path(rich.__file__).parent, "typer": Path(typer.__file__).parent}
 TASK_PACKAGE = "rich"

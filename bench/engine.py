@@ -42,14 +42,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-# NOTE: `python bench/engine.py` puts bench/ first on sys.path, where bench/ringattn.py would shadow the
-# ringattn package that the model imports; the repository root must come first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.config import EngineConfig, LongbowConfig, ModelSource  # noqa: E402
-from services.engine.engine import LLMEngine  # noqa: E402
-from services.engine.types import Request, SamplingParams  # noqa: E402
-from services.engine.weights import LoadedModel, load_model, load_tokenizer  # noqa: E402
+from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.types import Request, SamplingParams
+from longbow.services.engine.weights import LoadedModel, load_model, load_tokenizer
 
 SYSTEMS = ("splitfuse", "prefill_first", "hf_serial", "hf_static")
 EMA_SPAN = 16  # FastGen's EMA(16)

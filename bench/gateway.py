@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from services.client.sdk import AsyncLongbowClient  # noqa: E402
-from services.config import EngineConfig, GatewayConfig, LongbowConfig, ModelSource  # noqa: E402
-from services.engine.engine import AsyncLLMEngine, LLMEngine  # noqa: E402
-from services.engine.text import stream_text  # noqa: E402
-from services.engine.types import Request, SamplingParams  # noqa: E402
-from services.engine.weights import load_model, load_tokenizer  # noqa: E402
+from longbow.services.client.sdk import AsyncLongbowClient
+from longbow.services.config import EngineConfig, GatewayConfig, LongbowConfig, ModelSource
+from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+from longbow.services.engine.text import stream_text
+from longbow.services.engine.types import Request, SamplingParams
+from longbow.services.engine.weights import load_model, load_tokenizer
 
 TEXT = ("Sequence parallelism splits one long request across several devices so that its attention "
         "fits in memory; the scheduler keeps every forward pass at a fixed token budget. ") * 40
@@ -73,7 +72,7 @@ async def closed_loop(call, concurrency: int, per_client: int, ids, n_out, tag: 
 
 
 def start_gateway_thread(config, engine, tokenizer):
-    from services.gateway.server import start_gateway
+    from longbow.services.gateway.server import start_gateway
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # bench/ shadows nothing here, but keep the repo's packages first
 
 MODES = ["full", "suffix", "pie", "conflict"]
 
@@ -78,8 +77,8 @@ def make_edit(context: list[str], kind: str, donor_lines: list[str], rng: random
 
 
 def run_sample(manager, pre: str, edit, real: str, modes: list[str]) -> dict:
-    from services.engine.pie import UpdateMode
-    from services.engine.sessions import TextEdit
+    from longbow.services.engine.pie import UpdateMode
+    from longbow.services.engine.sessions import TextEdit
 
     base = manager.open(pre, mode=UpdateMode.FULL)
     results = {}
@@ -165,10 +164,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from services.config import EngineConfig, LongbowConfig, ModelSource, SessionsConfig
-    from services.engine.engine import LLMEngine
-    from services.engine.sessions import SessionManager
-    from services.engine.weights import load_tokenizer
+    from longbow.services.config import EngineConfig, LongbowConfig, ModelSource, SessionsConfig
+    from longbow.services.engine.engine import LLMEngine
+    from longbow.services.engine.sessions import SessionManager
+    from longbow.services.engine.weights import load_tokenizer
 
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
                            engine=EngineConfig(token_budget=512, block_size=16, num_blocks=2048))

@@ -37,27 +37,25 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-# NOTE: run as a script, bench/ is sys.path[0], where this very file would shadow the `rag` package.
-sys.path.insert(0, str(ROOT))
 
 import itertools
 
-from rag.chunking import (
+from longbow.rag.chunking import (
     FixedSizeChunker,
     MarginChunker,
     SentenceChunker,
     perplexity_boundaries,
     sentence_spans,
 )
-from rag.chunking.base import chunks_from_boundaries, token_counts
-from rag.chunking.perplexity import pieces_to_boundaries, sentence_nll
-from rag.embed import shared_embedder
-from rag.eval.metrics import boundary_f1, pk
-from rag.eval.synthetic import make_chunking_set, make_corpus
-from rag.ingest import Ingestor
-from rag.retrieve import HybridRetriever
-from rag.store import EmbeddedStore, RedisStore, StoredDocument
-from rag.types import Document
+from longbow.rag.chunking.base import chunks_from_boundaries, token_counts
+from longbow.rag.chunking.perplexity import pieces_to_boundaries, sentence_nll
+from longbow.rag.embed import shared_embedder
+from longbow.rag.eval.metrics import boundary_f1, pk
+from longbow.rag.eval.synthetic import make_chunking_set, make_corpus
+from longbow.rag.ingest import Ingestor
+from longbow.rag.retrieve import HybridRetriever
+from longbow.rag.store import EmbeddedStore, RedisStore, StoredDocument
+from longbow.rag.types import Document
 
 CHUNKERS = ("fixed", "sentence", "perplexity", "margin")
 MODES = ("bm25", "dense", "hybrid")
@@ -75,8 +73,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_lm():
-    from services.config import EngineConfig, LongbowConfig, ModelSource
-    from services.engine.lm import EngineLM
+    from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
+    from longbow.services.engine.lm import EngineLM
 
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
                            engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))

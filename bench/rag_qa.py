@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from rag.eval.metrics import answer_contains, exact_match, token_f1, wilson_interval  # noqa: E402
-from rag.eval.synthetic import Corpus, Question, make_corpus  # noqa: E402
-from rag.flows import FlowResult, build_flow, execute_flow  # noqa: E402
-from rag.types import Chunk, Document, Hit, Retriever  # noqa: E402
+from longbow.rag.eval.metrics import answer_contains, exact_match, token_f1, wilson_interval
+from longbow.rag.eval.synthetic import Corpus, Question, make_corpus
+from longbow.rag.flows import FlowResult, build_flow, execute_flow
+from longbow.rag.types import Chunk, Document, Hit, Retriever
 
 DEFAULT_FLOWS = "none,single,fixed_interval,flare,dragin"
 
@@ -60,9 +59,9 @@ class Bm25Retriever(Retriever):
 
 def hybrid_retriever(documents: list[Document], directory: str) -> Retriever:
     """The project's retriever: sentence chunks in the embedded store, BM25 + MiniLM/FAISS fused by RRF."""
-    from rag.ingest import Ingestor
-    from rag.retrieve import HybridRetriever
-    from rag.store import open_store
+    from longbow.rag.ingest import Ingestor
+    from longbow.rag.retrieve import HybridRetriever
+    from longbow.rag.store import open_store
 
     store = open_store("", directory)
     Ingestor(store).ingest(documents, "sentence", 256)
@@ -72,7 +71,7 @@ def hybrid_retriever(documents: list[Document], directory: str) -> Retriever:
 def make_retriever(kind: str, documents: list[Document], directory: str) -> tuple[Retriever, str]:
     if kind == "hybrid":
         try:
-            name = "rag.retrieve.HybridRetriever (BM25 + MiniLM/FAISS, RRF)"
+            name = "longbow.rag.retrieve.HybridRetriever (BM25 + MiniLM/FAISS, RRF)"
             return hybrid_retriever(documents, directory), name
         except Exception as error:  # NOTE: the hybrid stack is young; the benchmark must still run
             log(f"hybrid retriever unavailable ({type(error).__name__}: {error}); using bm25s")
@@ -80,8 +79,8 @@ def make_retriever(kind: str, documents: list[Document], directory: str) -> tupl
 
 
 def load_lm():
-    from services.config import EngineConfig, LongbowConfig, ModelSource
-    from services.engine.lm import EngineLM
+    from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
+    from longbow.services.engine.lm import EngineLM
 
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
                            engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))

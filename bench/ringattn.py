@@ -28,13 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ringattn import SCHEDULES, CommCounter  # noqa: E402
-from ringattn import costmodel as cm  # noqa: E402
-from ringattn.comm import DistTransport  # noqa: E402
-from ringattn.layout import layout_indices  # noqa: E402
-from ringattn.local import block_attention, computed_pairs  # noqa: E402
+from longbow.ringattn import SCHEDULES, CommCounter
+from longbow.ringattn import costmodel as cm
+from longbow.ringattn.comm import DistTransport
+from longbow.ringattn.layout import layout_indices
+from longbow.ringattn.local import block_attention, computed_pairs
 
 SHAPES = {"mha": (8, 8, 64), "smollm2": (9, 3, 64)}  # (query heads, KV heads, head dim)
 PREFILL = ("tokenring", "ring", "ulysses")

@@ -50,11 +50,8 @@ from pathlib import Path
 
 import torch
 
-# NOTE: `python bench/shards.py` puts bench/ first on sys.path, where bench/ringattn.py would shadow the
-# ringattn package that the model imports; the repository root must come first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import (  # noqa: E402  (the same workload and metrics as the engine benchmark)
+from bench.engine import (  (the same workload and metrics as the engine benchmark)
     WorkItem,
     check_exact_lengths,
     load_corpus,
@@ -62,11 +59,11 @@ from bench.engine import (  # noqa: E402  (the same workload and metrics as the 
     run_engine,
     summarize,
 )
-from services.config import EngineConfig, LongbowConfig, ModelSource  # noqa: E402
-from services.engine.engine import LLMEngine  # noqa: E402
-from services.engine.scheduler import blocks_for  # noqa: E402
-from services.engine.types import Request, SamplingParams  # noqa: E402
-from services.engine.weights import LoadedModel, load_model, load_tokenizer  # noqa: E402
+from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.scheduler import blocks_for
+from longbow.services.engine.types import Request, SamplingParams
+from longbow.services.engine.weights import LoadedModel, load_model, load_tokenizer
 
 MODEL = ModelSource(device="cpu", dtype="float32")
 MIB = 1 << 20

@@ -1,12 +1,13 @@
 """Generate the Python protobuf and gRPC modules from protos/longbow/v1/*.proto.
 
-Output goes to longbow/v1/ (the `longbow` package of this distribution), so the generated imports
+Output goes to longbow/v1/ (the `longbow` package of this distribution), with copies of the .proto files, so the generated imports
 (`from longbow.v1 import generation_pb2`) resolve. Run by the build (setup.py) and by scripts/setup.sh;
 the generated files are never committed.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def generate(out_dir: Path = ROOT) -> list[Path]:
         raise RuntimeError("protoc failed on " + ", ".join(s.name for s in sources))
     package = out_dir / "longbow" / "v1"
     (package / "__init__.py").write_text('"""Generated from protos/longbow/v1 by protos/codegen.py."""\n')
+    # The .proto sources ship beside the generated modules (package data), so an installed client can
+    # hand them to other languages' code generators.
+    for source in sources:
+        shutil.copyfile(source, package / source.name)
     return sorted(package.glob("*_pb2*.py"))
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from rag.modules.generation import run_generation
-from rag.modules.state import FlowState
-from rag.modules.text import (STOPWORDS, is_content_word, sentence_spans, token_is_content, token_spans,
+from longbow.rag.modules.generation import run_generation
+from longbow.rag.modules.state import FlowState
+from longbow.rag.modules.text import (STOPWORDS, is_content_word, sentence_spans, token_is_content, token_spans,
                               words)
 
 

@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
-from rag import dragin
-from rag.lm import LM
-from rag.modules import flare, generation, query, retrieval
-from rag.modules.state import FlowSettings, FlowState, TraceEvent
-from rag.types import Hit, Retriever
+from longbow.rag import dragin
+from longbow.rag.lm import LM
+from longbow.rag.modules import flare, generation, query, retrieval
+from longbow.rag.modules.state import FlowSettings, FlowState, TraceEvent
+from longbow.rag.types import Hit, Retriever
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from rag.store import ChangeLogGap, Store, StoredDocument
-from rag.types import Chunk
+from longbow.rag.store import ChangeLogGap, Store, StoredDocument
+from longbow.rag.types import Chunk
 
 _TERM = re.compile(r"\w+")
 # Lucene's English stopwords.

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rag.chunking import CHUNKERS, DEFAULT_TARGET_TOKENS, Chunker, make_chunker
-from rag.embed import Embedder, shared_embedder
-from rag.lm import LM
-from rag.store import Store, StoredDocument, open_store
-from rag.types import Document
+from longbow.rag.chunking import CHUNKERS, DEFAULT_TARGET_TOKENS, Chunker, make_chunker
+from longbow.rag.embed import Embedder, shared_embedder
+from longbow.rag.lm import LM
+from longbow.rag.store import Store, StoredDocument, open_store
+from longbow.rag.types import Document
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.embed import Embedder, shared_embedder
-from rag.index import LiveIndex
-from rag.store import Store, open_store
-from rag.types import Hit, Retriever
+from longbow.rag.embed import Embedder, shared_embedder
+from longbow.rag.index import LiveIndex
+from longbow.rag.store import Store, open_store
+from longbow.rag.types import Hit, Retriever
 
 RRF_K = 60
 MODES = ("hybrid", "dense", "bm25")

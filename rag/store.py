@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.types import Chunk
+from longbow.rag.types import Chunk
 
 MAX_CHANGES = 100_000  # change-log entries kept; a reader further behind rebuilds (ChangeLogGap)
 

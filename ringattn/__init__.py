@@ -13,19 +13,19 @@ Each also has an `_emulated` form: a list of layout.Shard in, a list of (out, ls
 in one process with the same steps and byte counts.
 """
 
-from ringattn.comm import CommCounter
-from ringattn.decode import (
+from longbow.ringattn.comm import CommCounter
+from longbow.ringattn.decode import (
     decode_attention_allreduce,
     decode_attention_allreduce_emulated,
     decode_attention_pass_q,
     decode_attention_pass_q_emulated,
 )
-from ringattn.layout import Shard, shard_sequence
-from ringattn.local import block_attention, sdpa_reference
-from ringattn.merge import merge_many, merge_partials
-from ringattn.ring import ring_attention, ring_attention_emulated
-from ringattn.tokenring import tokenring_attention, tokenring_attention_emulated
-from ringattn.ulysses import ulysses_attention, ulysses_attention_emulated
+from longbow.ringattn.layout import Shard, shard_sequence
+from longbow.ringattn.local import block_attention, sdpa_reference
+from longbow.ringattn.merge import merge_many, merge_partials
+from longbow.ringattn.ring import ring_attention, ring_attention_emulated
+from longbow.ringattn.tokenring import tokenring_attention, tokenring_attention_emulated
+from longbow.ringattn.ulysses import ulysses_attention, ulysses_attention_emulated
 
 # name -> (torch.distributed form, emulated form)
 SCHEDULES = {

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ringattn.comm import ring_allreduce_bytes
-from ringattn.layout import layout_indices
-from ringattn.local import computed_pairs
+from longbow.ringattn.comm import ring_allreduce_bytes
+from longbow.ringattn.layout import layout_indices
+from longbow.ringattn.local import computed_pairs
 
 INT64 = 8
 FP32 = 4

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
-from ringattn.layout import Shard
-from ringattn.local import block_attention
-from ringattn.tokenring import tokenring_rank
+from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
+from longbow.ringattn.layout import Shard
+from longbow.ringattn.local import block_attention
+from longbow.ringattn.tokenring import tokenring_rank
 
 
 def decode_attention_pass_q(

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ringattn.merge import merge_partials
+from longbow.ringattn.merge import merge_partials
 
 # NOTE: 2**22 fp32 scores per tile keeps one tile's scratch (scores + probabilities) near 32 MiB, so a
 # 16k x 16k block with 9 heads runs on a laptop; on CPU the tile size barely moves the FLOP rate.

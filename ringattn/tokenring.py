@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
-from ringattn.layout import Shard
-from ringattn.local import block_attention
-from ringattn.merge import merge_partials
+from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
+from longbow.ringattn.layout import Shard
+from longbow.ringattn.local import block_attention
+from longbow.ringattn.merge import merge_partials
 
 
 def tokenring_attention(

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
-from ringattn.layout import Shard
-from ringattn.local import block_attention
+from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
+from longbow.ringattn.layout import Shard
+from longbow.ringattn.local import block_attention
 
 
 def ulysses_supported(heads_kv: int, world_size: int) -> bool:

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 # Converts the bundled GGUF once (cached under LONGBOW_HOME) with a progress bar, before pytest runs.
-python -m services.cli info >/dev/null
+python -m longbow.services.cli info >/dev/null
 python -m pytest "$@"

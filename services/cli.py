@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from services.config import load_config
+from longbow.services.config import load_config
 
 
 def _configure_logging(verbose: int) -> None:
@@ -24,7 +24,7 @@ def _configure_logging(verbose: int) -> None:
 
 def cmd_info(args) -> int:
     """Resolve (and on first use convert) the model, print what would be served."""
-    from services.engine.weights import load_model
+    from longbow.services.engine.weights import load_model
 
     config = load_config(args.config)
     loaded = load_model(config.model)
@@ -35,7 +35,7 @@ def cmd_info(args) -> int:
 
 def cmd_serve(args) -> int:
     """Run the gRPC gateway with the embedded engine until SIGINT/SIGTERM."""
-    from services.gateway.server import serve
+    from longbow.services.gateway.server import serve
 
     overrides = {f"gateway__{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.shards is not None:
@@ -56,7 +56,7 @@ def cmd_generate(args) -> int:
 
 
 def _generate_remote(args) -> int:
-    from services.client.sdk import LongbowClient, LongbowError
+    from longbow.services.client.sdk import LongbowClient, LongbowError
 
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
     try:
@@ -73,10 +73,10 @@ def _generate_remote(args) -> int:
 
 
 def _generate_embedded(args) -> int:
-    from services.engine.engine import AsyncLLMEngine, LLMEngine
-    from services.engine.text import encode_chat, stream_text
-    from services.engine.types import Request, SamplingParams
-    from services.engine.weights import load_tokenizer
+    from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+    from longbow.services.engine.text import encode_chat, stream_text
+    from longbow.services.engine.types import Request, SamplingParams
+    from longbow.services.engine.weights import load_tokenizer
 
     config = load_config(args.config)
     engine = LLMEngine(config)
@@ -102,13 +102,13 @@ def _generate_embedded(args) -> int:
 
 
 def _rag_location(config) -> tuple[str, str]:
-    from services.config import longbow_home
+    from longbow.services.config import longbow_home
 
     return config.rag.store_url, config.rag.data_dir or str(longbow_home() / "rag")
 
 
 def _embedded_lm(config):
-    from services.engine.lm import EngineLM
+    from longbow.services.engine.lm import EngineLM
 
     return EngineLM.from_config(config)
 
@@ -120,14 +120,14 @@ def _show_progress(progress) -> None:
 
 def cmd_ingest(args) -> int:
     """Chunk, embed and store files (directories: their .txt/.md/.rst files), with progress."""
-    from rag.ingest import ingest_paths, read_documents
+    from longbow.rag.ingest import ingest_paths, read_documents
 
     config = load_config(args.config)
     chunker = args.chunker or config.rag.default_chunker
     target = args.target_tokens or config.rag.target_chunk_tokens
     try:
         if args.address:
-            from services.client.sdk import LongbowClient
+            from longbow.services.client.sdk import LongbowClient
 
             with LongbowClient(args.address, token=args.token or "") as client:
                 progress = client.ingest(read_documents(args.paths), chunker=chunker, target_chunk_tokens=target,
@@ -149,7 +149,7 @@ def cmd_query(args) -> int:
     config = load_config(args.config)
     if args.address:
         return _query_remote(args)
-    from rag.retrieve import open_retriever
+    from longbow.rag.retrieve import open_retriever
 
     store_url, data_dir = _rag_location(config)
     retriever = open_retriever(store_url, data_dir)
@@ -157,7 +157,7 @@ def cmd_query(args) -> int:
         _print_citations([(h.chunk.document_id, h.chunk.char_start, h.chunk.char_end, h.score, h.chunk.text)
                           for h in retriever.retrieve(args.question, args.top_k)])
         return 0
-    from rag.flows import run_flow
+    from longbow.rag.flows import run_flow
 
     result = run_flow(args.flow, args.question, retriever, _embedded_lm(config), top_k=args.top_k,
                       on_text=lambda text: print(text, end="", flush=True))
@@ -168,7 +168,7 @@ def cmd_query(args) -> int:
 
 
 def _query_remote(args) -> int:
-    from services.client.sdk import LongbowClient, LongbowError
+    from longbow.services.client.sdk import LongbowClient, LongbowError
 
     try:
         with LongbowClient(args.address, token=args.token or "") as client:
@@ -197,7 +197,7 @@ def cmd_context(args) -> int:
     root = os.path.abspath(args.root or os.getcwd())
     path = os.path.relpath(os.path.abspath(file), root)
     if args.address:
-        from services.client.sdk import LongbowClient, LongbowError
+        from longbow.services.client.sdk import LongbowClient, LongbowError
 
         try:
             with LongbowClient(args.address, token=args.token or "") as client:
@@ -207,8 +207,8 @@ def cmd_context(args) -> int:
             return 2
         expected, packed, tokens = context.expected_type.text, context.packed_context, context.packed_tokens
     else:
-        from rag.codectx import build_context
-        from rag.codectx.errors import CodeContextError
+        from longbow.rag.codectx import build_context
+        from longbow.rag.codectx.errors import CodeContextError
 
         try:
             context = build_context(root, path, line, column, args.budget)
@@ -300,7 +300,7 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    from services.engine.errors import EngineError
+    from longbow.services.engine.errors import EngineError
 
     try:
         return args.fn(args)

@@ -8,15 +8,15 @@ import pytest
 
 @pytest.fixture(scope="session")
 def loaded_model():
-    from services.config import ModelSource
-    from services.engine.weights import load_model
+    from longbow.services.config import ModelSource
+    from longbow.services.engine.weights import load_model
 
     return load_model(ModelSource(device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(loaded_model):
-    from services.engine.weights import load_tokenizer
+    from longbow.services.engine.weights import load_tokenizer
 
     return load_tokenizer(loaded_model.checkpoint)
 
@@ -39,8 +39,8 @@ class RunningGateway:
         import tempfile
         import threading
 
-        from services.config import EngineConfig, GatewayConfig, LongbowConfig, RagConfig
-        from services.engine.engine import AsyncLLMEngine, LLMEngine
+        from longbow.services.config import EngineConfig, GatewayConfig, LongbowConfig, RagConfig
+        from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
 
         gateway = GatewayConfig(port=0, metrics_port=0, **gateway_overrides)
         self._data_dir = tempfile.TemporaryDirectory(prefix="longbow-gw-")
@@ -55,7 +55,7 @@ class RunningGateway:
         self.address = f"127.0.0.1:{self.gateway.port}"
 
     async def _start(self, tokenizer):
-        from services.gateway.server import start_gateway
+        from longbow.services.gateway.server import start_gateway
 
         return await start_gateway(self.config, self.engine, tokenizer)
 
@@ -90,9 +90,9 @@ class RunningGateway:
 @pytest.fixture(scope="session")
 def engine_lm(loaded_model, tokenizer):
     """`rag.lm.LM` over a synchronous in-process engine on the real model (one per test session)."""
-    from services.config import EngineConfig, LongbowConfig
-    from services.engine.engine import LLMEngine
-    from services.engine.lm import EngineLM
+    from longbow.services.config import EngineConfig, LongbowConfig
+    from longbow.services.engine.engine import LLMEngine
+    from longbow.services.engine.lm import EngineLM
 
     config = LongbowConfig(engine=EngineConfig(token_budget=256, block_size=16, num_blocks=512))
     return EngineLM(LLMEngine(config, loaded_model), tokenizer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli import main
+from longbow.services.cli import main
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from services.config import load_config
+from longbow.services.config import load_config
 
 
 def test_precedence_and_sections(tmp_path, monkeypatch):

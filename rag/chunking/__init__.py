@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from rag.chunking.base import Chunker, chunks_from_boundaries, sentence_spans, word_spans
-from rag.chunking.margin import MarginChunker
-from rag.chunking.perplexity import PerplexityChunker, perplexity_boundaries
-from rag.chunking.simple import FixedSizeChunker, SentenceChunker
-from rag.lm import LM
+from longbow.rag.chunking.base import Chunker, chunks_from_boundaries, sentence_spans, word_spans
+from longbow.rag.chunking.margin import MarginChunker
+from longbow.rag.chunking.perplexity import PerplexityChunker, perplexity_boundaries
+from longbow.rag.chunking.simple import FixedSizeChunker, SentenceChunker
+from longbow.rag.lm import LM
 
 CHUNKERS = ("fixed", "sentence", "perplexity", "margin")
 DEFAULT_TARGET_TOKENS = 128

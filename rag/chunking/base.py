@@ -15,7 +15,7 @@ import itertools
 import re
 from collections.abc import Callable, Sequence
 
-from rag.types import Chunk, Document
+from longbow.rag.types import Chunk, Document
 
 # (start, end) character spans of a text's tokens; how a chunker measures length.
 TokenSpans = Callable[[str], list[tuple[int, int]]]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 
-from rag.chunking.base import Chunker, sentence_spans, token_counts
-from rag.chunking.perplexity import pieces_to_boundaries
-from rag.lm import LM
+from longbow.rag.chunking.base import Chunker, sentence_spans, token_counts
+from longbow.rag.chunking.perplexity import pieces_to_boundaries
+from longbow.rag.lm import LM
 
 _INSTRUCTION = (
     "Text chunking. Does Sentence 2 continue the topic of Text 1? Answer 1 if Sentence 2 starts a new "

@@ -14,8 +14,8 @@ import bisect
 import itertools
 import math
 
-from rag.chunking.base import Chunker, merge_to_target, sentence_spans, token_counts
-from rag.lm import LM
+from longbow.rag.chunking.base import Chunker, merge_to_target, sentence_spans, token_counts
+from longbow.rag.lm import LM
 
 
 def perplexity_boundaries(values: list[float], theta: float) -> list[int]:

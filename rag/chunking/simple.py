@@ -3,7 +3,7 @@ tokens). Length is counted with the model tokenizer's spans when given, else whi
 
 from __future__ import annotations
 
-from rag.chunking.base import Chunker, TokenSpans, merge_to_target, sentence_spans, token_counts, word_spans
+from longbow.rag.chunking.base import Chunker, TokenSpans, merge_to_target, sentence_spans, token_counts, word_spans
 
 
 class FixedSizeChunker(Chunker):

@@ -3,8 +3,8 @@ the type definitions it needs, functions whose types fit, packed into a token bu
 checked by a type checker with error rounds. Entry points: `build_context` (one shot, the CLI) and
 `CodeContextService` (long-lived, the gateway)."""
 
-from rag.codectx.records import CodeContext, Completion, ContextItem, Diagnostic, ExpectedType
-from rag.codectx.service import CodeContextService, HoleRequest, build_context
+from longbow.rag.codectx.records import CodeContext, Completion, ContextItem, Diagnostic, ExpectedType
+from longbow.rag.codectx.service import CodeContextService, HoleRequest, build_context
 
 __all__ = ["CodeContext", "CodeContextService", "Completion", "ContextItem", "Diagnostic", "ExpectedType",
            "HoleRequest", "build_context"]

@@ -12,9 +12,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from rag.codectx.errors import CheckerUnavailableError, PositionError
-from rag.codectx.records import Diagnostic
-from rag.codectx.workspace import Workspace
+from longbow.rag.codectx.errors import CheckerUnavailableError, PositionError
+from longbow.rag.codectx.records import Diagnostic
+from longbow.rag.codectx.workspace import Workspace
 
 MYPY_TIMEOUT_S = 120.0
 _MYPY_LINE = re.compile(r"^(?P<path>.+?):(?P<line>\d+):(?P<column>\d+): (?P<severity>error|note|warning): (?P<message>.*)$")

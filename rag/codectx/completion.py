@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from rag.codectx.records import CodeContext, Completion, Diagnostic
-from rag.lm import LM
+from longbow.rag.codectx.records import CodeContext, Completion, Diagnostic
+from longbow.rag.lm import LM
 
 MAX_ERROR_ROUNDS = 2
 WINDOW_LINES_BEFORE = 40

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rag.codectx.records import ContextItem, ExpectedType
+from longbow.rag.codectx.records import ContextItem, ExpectedType
 
 TokenCounter = Callable[[str], int]
 

@@ -10,15 +10,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag.codectx.checking import check_fill
-from rag.codectx.completion import complete_hole
-from rag.codectx.errors import MalformedRequestError, OutsideWorkspaceError, UnsupportedLanguageError
-from rag.codectx.packing import TokenCounter, approximate_tokens
-from rag.codectx.python.context import python_context
-from rag.codectx.python.index import PythonIndex
-from rag.codectx.records import CodeContext, Completion, Diagnostic
-from rag.codectx.typescript import TypeScriptHelper
-from rag.codectx.workspace import Workspace, WorkspaceLimits
+from longbow.rag.codectx.checking import check_fill
+from longbow.rag.codectx.completion import complete_hole
+from longbow.rag.codectx.errors import MalformedRequestError, OutsideWorkspaceError, UnsupportedLanguageError
+from longbow.rag.codectx.packing import TokenCounter, approximate_tokens
+from longbow.rag.codectx.python.context import python_context
+from longbow.rag.codectx.python.index import PythonIndex
+from longbow.rag.codectx.records import CodeContext, Completion, Diagnostic
+from longbow.rag.codectx.typescript import TypeScriptHelper
+from longbow.rag.codectx.workspace import Workspace, WorkspaceLimits
 
 PYTHON_SUFFIXES = (".py", ".pyi")
 TYPESCRIPT_SUFFIXES = (".ts", ".tsx", ".mts", ".cts")

@@ -15,10 +15,10 @@ import subprocess
 import threading
 from pathlib import Path
 
-from rag.codectx.errors import CheckerUnavailableError, CodeContextError, UnknownFileError
-from rag.codectx.packing import TokenCounter, pack_context
-from rag.codectx.records import CodeContext, ContextItem, Diagnostic, ExpectedType
-from rag.codectx.workspace import Workspace
+from longbow.rag.codectx.errors import CheckerUnavailableError, CodeContextError, UnknownFileError
+from longbow.rag.codectx.packing import TokenCounter, pack_context
+from longbow.rag.codectx.records import CodeContext, ContextItem, Diagnostic, ExpectedType
+from longbow.rag.codectx.workspace import Workspace
 
 HELPER = Path(__file__).resolve().parent / "ts" / "helper.js"
 SENTINEL = "__longbow_hole__"
@@ -123,7 +123,7 @@ def _payload(workspace: Workspace, relative: str, text: str) -> dict:
 
 def insert_sentinel(text: str, line: int, column: int) -> tuple[str, int]:
     """The text with the identifier at the cursor replaced by the sentinel; the sentinel's offset."""
-    from rag.codectx.errors import PositionError
+    from longbow.rag.codectx.errors import PositionError
 
     lines = text.split("\n")
     if not 1 <= line <= len(lines) or not 1 <= column <= len(lines[line - 1]) + 1:

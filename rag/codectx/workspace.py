@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
+from longbow.rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
 
 SKIPPED_DIRECTORIES = frozenset({"node_modules", "__pycache__", "site-packages", "dist", "build", "venv"})
 

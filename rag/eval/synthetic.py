@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rag.eval.names import NameMaker
-from rag.types import Document
+from longbow.rag.eval.names import NameMaker
+from longbow.rag.types import Document
 
 DEFAULT_NUM_DOCUMENTS = 60
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 import re
 
-from rag.modules.generation import run_generation
-from rag.modules.state import FlowState, Pending
-from rag.modules.text import sentence_spans, token_spans
+from longbow.rag.modules.generation import run_generation
+from longbow.rag.modules.state import FlowState, Pending
+from longbow.rag.modules.text import sentence_spans, token_spans
 
 
 def lookahead(state: FlowState, tokens: int = 32, threshold: float = 0.4) -> None:

@@ -4,9 +4,9 @@ the committed answer as the start of the assistant's turn."""
 
 from __future__ import annotations
 
-from rag.lm import LM, LMGeneration
-from rag.modules.state import FlowState
-from rag.types import Hit
+from longbow.rag.lm import LM, LMGeneration
+from longbow.rag.modules.state import FlowState
+from longbow.rag.types import Hit
 
 # NOTE: SmolLM2-135M-Instruct follows short instructions best; longer ones ("cite", "think step by step")
 # made it ramble. The answer is scored against a short phrase.

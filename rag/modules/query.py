@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rag.modules.state import FlowState
-from rag.modules.text import content_words
+from longbow.rag.modules.state import FlowState
+from longbow.rag.modules.text import content_words
 
 _REWRITE_PROMPT = ("Rewrite the question as a short search query of keywords. Reply with the query only.\n"
                    "Question: {question}")

@@ -3,9 +3,9 @@ rank fusion into the prompt's context, and reorder the context."""
 
 from __future__ import annotations
 
-from rag.modules.state import FlowState
-from rag.modules.text import content_words
-from rag.types import Hit
+from longbow.rag.modules.state import FlowState
+from longbow.rag.modules.text import content_words
+from longbow.rag.types import Hit
 
 
 def retrieve(state: FlowState, top_k: int | None = None) -> None:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rag.lm import LM
-from rag.types import Hit, Retriever
+from longbow.rag.lm import LM
+from longbow.rag.types import Hit, Retriever
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from rag.lm import LM
+from longbow.rag.lm import LM
 
 # NOTE: a compact English stopword list (function words, auxiliaries, question words) rather than a
 # dependency; content words are everything else that contains a letter or a digit.

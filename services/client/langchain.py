@@ -32,14 +32,14 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
-from services.client.retrieval import Citation
-from services.client.sdk import (
+from longbow.services.client.retrieval import Citation
+from longbow.services.client.sdk import (
     AsyncLongbowClient,
     Generation,
     LongbowClient,
     RetryPolicy,
 )
-from services.client.sdk import GenerationChunk as StreamChunk
+from longbow.services.client.sdk import GenerationChunk as StreamChunk
 
 # Sampling settings a single call may override (`model.invoke(..., max_tokens=8)` or `.bind(...)`).
 _PER_CALL = ("temperature", "max_tokens", "min_tokens", "top_p", "top_k", "seed")

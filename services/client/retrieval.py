@@ -16,7 +16,7 @@ import grpc
 from longbow.v1 import generation_pb2 as gen_pb
 from longbow.v1 import retrieval_pb2 as pb
 from longbow.v1 import retrieval_pb2_grpc
-from services.client.errors import LongbowError
+from longbow.services.client.errors import LongbowError
 
 CHUNKERS = {"": pb.CHUNKER_UNSPECIFIED, "fixed": pb.CHUNKER_FIXED, "sentence": pb.CHUNKER_SENTENCE,
             "perplexity": pb.CHUNKER_PERPLEXITY, "margin": pb.CHUNKER_MARGIN}

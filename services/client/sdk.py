@@ -17,10 +17,10 @@ import grpc
 
 from longbow.v1 import generation_pb2 as gen_pb
 from longbow.v1 import generation_pb2_grpc, server_info_pb2, server_info_pb2_grpc
-from services.client.errors import LongbowError
-from services.client.code_assist import AsyncCodeAssistCalls, CodeAssistCalls
-from services.client.retrieval import AsyncRetrievalCalls, RetrievalCalls
-from services.client.sessions import AsyncSessionCalls, Edit, EditResult, SessionCalls  # noqa: F401 (re-exported)
+from longbow.services.client.errors import LongbowError
+from longbow.services.client.code_assist import AsyncCodeAssistCalls, CodeAssistCalls
+from longbow.services.client.retrieval import AsyncRetrievalCalls, RetrievalCalls
+from longbow.services.client.sessions import AsyncSessionCalls, Edit, EditResult, SessionCalls  # noqa: F401 (re-exported)
 
 _FINISH = {gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_STOP: "stop",
            gen_pb.FINISH_REASON_ABORT: "abort", gen_pb.FINISH_REASON_UNSPECIFIED: None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.engine.errors import InvalidRequestError
+from longbow.services.engine.errors import InvalidRequestError
 
 # Tokens of unchanged text re-tokenized on each side of an edit. Byte-level BPE never merges across its
 # pre-tokenizer's chunks, which are decided by a character or two of context, so a few tokens settle it;

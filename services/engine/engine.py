@@ -18,18 +18,18 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.config import LongbowConfig, load_config
-from services.engine.errors import (
+from longbow.services.config import LongbowConfig, load_config
+from longbow.services.engine.errors import (
     CapacityError,
     EngineError,
     EngineStoppedError,
     InvalidRequestError,
     PromptTooLongError,
 )
-from services.engine.scheduler import blocks_for, make_scheduler
-from services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
-from services.engine.weights import LoadedModel, load_model
-from services.engine.worker import Worker
+from longbow.services.engine.scheduler import blocks_for, make_scheduler
+from longbow.services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
+from longbow.services.engine.weights import LoadedModel, load_model
+from longbow.services.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class LLMEngine:
         cfg = self.config.engine
         if cfg.shards == 0:
             return Worker(self.loaded, cfg.num_blocks, cfg.block_size)
-        from services.shards.group import ShardGroup  # Ray only when shards are asked for
+        from longbow.services.shards.group import ShardGroup  # Ray only when shards are asked for
 
         return ShardGroup(self.config, self.loaded.args, cfg.shards)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ringattn.rope import rotate_keys_by
-from services.engine.model import AttentionBackend, ModelArgs
+from longbow.ringattn.rope import rotate_keys_by
+from longbow.services.engine.model import AttentionBackend, ModelArgs
 
 
 class PagedKVCache:
@@ -133,7 +133,7 @@ class NoCacheAttention(AttentionBackend):
     For full-sequence forwards: reference checks and one-shot scoring."""
 
     def attend(self, layer, q, k, v, meta: torch.Tensor) -> torch.Tensor:
-        from ringattn.local import block_attention
+        from longbow.ringattn.local import block_attention
 
         out, _ = block_attention(q, k, v, meta, meta, causal=True)
         return out.to(q.dtype)

@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import threading
 
-from rag.lm import LM, LMGeneration
-from services.config import LongbowConfig, load_config
-from services.engine.engine import AsyncLLMEngine, Completion, LLMEngine
-from services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
-from services.engine.types import FinishReason, Request, SamplingParams
-from services.engine.weights import load_tokenizer
+from longbow.rag.lm import LM, LMGeneration
+from longbow.services.config import LongbowConfig, load_config
+from longbow.services.engine.engine import AsyncLLMEngine, Completion, LLMEngine
+from longbow.services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
+from longbow.services.engine.types import FinishReason, Request, SamplingParams
+from longbow.services.engine.weights import load_tokenizer
 
 
 class _TokenizerMixin:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ringattn.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from longbow.ringattn.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 
 @dataclass(frozen=True)

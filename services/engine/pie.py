@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.errors import CapacityError
-from services.engine.scheduler import BlockPool, blocks_for
-from services.engine.types import ScheduledChunk, StepPlan
+from longbow.services.engine.errors import CapacityError
+from longbow.services.engine.scheduler import BlockPool, blocks_for
+from longbow.services.engine.types import ScheduledChunk, StepPlan
 
 
 class UpdateMode(str, enum.Enum):

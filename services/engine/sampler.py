@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from services.engine.types import SamplingParams
+from longbow.services.engine.types import SamplingParams
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -14,8 +14,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.engine.errors import UnknownRequestError
-from services.engine.types import (
+from longbow.services.engine.errors import UnknownRequestError
+from longbow.services.engine.types import (
     FinishReason,
     Request,
     SamplingParams,

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.config import SessionsConfig
-from services.engine.edits import TokenizedText, apply_edit
-from services.engine.engine import LLMEngine
-from services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
-from services.engine.pie import DocumentKV, UpdateMode
+from longbow.services.config import SessionsConfig
+from longbow.services.engine.edits import TokenizedText, apply_edit
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
+from longbow.services.engine.pie import DocumentKV, UpdateMode
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from services.engine.engine import AsyncLLMEngine
-from services.engine.errors import InvalidRequestError
-from services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
+from longbow.services.engine.engine import AsyncLLMEngine
+from longbow.services.engine.errors import InvalidRequestError
+from longbow.services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -10,7 +10,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from services.engine.errors import InvalidRequestError
+from longbow.services.engine.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from services.config import BUNDLED_MODEL, ModelSource, longbow_home
-from services.engine.model import ModelArgs, Transformer
+from longbow.services.config import BUNDLED_MODEL, ModelSource, longbow_home
+from longbow.services.engine.model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def load_model(source: ModelSource) -> LoadedModel:
 
 
 def _inv_freq(args: ModelArgs) -> torch.Tensor:
-    from ringattn.rope import inverse_frequencies
+    from longbow.ringattn.rope import inverse_frequencies
 
     return inverse_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
 

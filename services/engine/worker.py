@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
-from services.engine.model import AttentionBackend
-from services.engine.sampler import entropy_and_logprobs, new_generator, sample_row
-from services.engine.types import SampledToken, SamplingParams, ScheduledChunk, StepPlan, StepResult
-from services.engine.weights import LoadedModel
+from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
+from longbow.services.engine.model import AttentionBackend
+from longbow.services.engine.sampler import entropy_and_logprobs, new_generator, sample_row
+from longbow.services.engine.types import SampledToken, SamplingParams, ScheduledChunk, StepPlan, StepResult
+from longbow.services.engine.weights import LoadedModel
 
 
 @dataclass

@@ -13,14 +13,14 @@ import functools
 
 from longbow.v1 import code_assist_pb2 as pb
 from longbow.v1 import code_assist_pb2_grpc
-from rag.codectx import errors as codectx_errors
-from rag.codectx.records import CodeContext, ContextItem, Diagnostic, ExpectedType
-from rag.codectx.service import CodeContextService, HoleRequest
-from rag.codectx.workspace import WorkspaceLimits
-from services.config import CodeContextConfig
-from services.engine.errors import EngineError, InvalidRequestError
-from services.gateway.errors import NotFoundError
-from services.gateway.runtime import GatewayRuntime
+from longbow.rag.codectx import errors as codectx_errors
+from longbow.rag.codectx.records import CodeContext, ContextItem, Diagnostic, ExpectedType
+from longbow.rag.codectx.service import CodeContextService, HoleRequest
+from longbow.rag.codectx.workspace import WorkspaceLimits
+from longbow.services.config import CodeContextConfig
+from longbow.services.engine.errors import EngineError, InvalidRequestError
+from longbow.services.gateway.errors import NotFoundError
+from longbow.services.gateway.runtime import GatewayRuntime
 
 
 class CheckerUnavailableError(EngineError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from longbow.v1 import generation_pb2 as gen_pb
-from services.engine.errors import InvalidRequestError
-from services.engine.types import FinishReason, SamplingParams
-from services.gateway.generation import GenerationInput, GenerationResult
+from longbow.services.engine.errors import InvalidRequestError
+from longbow.services.engine.types import FinishReason, SamplingParams
+from longbow.services.gateway.generation import GenerationInput, GenerationResult
 
 _MAX_U32 = 2**32 - 1
 _FINISH = {

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from rag.codectx import errors as codectx_errors
-from services.engine.errors import (
+from longbow.rag.codectx import errors as codectx_errors
+from longbow.services.engine.errors import (
     CapacityError,
     EngineError,
     EngineStoppedError,

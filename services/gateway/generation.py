@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.config import GatewayConfig
-from services.engine.engine import AsyncLLMEngine
-from services.engine.errors import CapacityError, InvalidRequestError
-from services.engine.text import TextDelta, encode_chat, stream_text
-from services.engine.types import FinishReason, Request, SamplingParams
-from services.gateway.metrics import GatewayMetrics
+from longbow.services.config import GatewayConfig
+from longbow.services.engine.engine import AsyncLLMEngine
+from longbow.services.engine.errors import CapacityError, InvalidRequestError
+from longbow.services.engine.text import TextDelta, encode_chat, stream_text
+from longbow.services.engine.types import FinishReason, Request, SamplingParams
+from longbow.services.gateway.metrics import GatewayMetrics
 
 
 @dataclass

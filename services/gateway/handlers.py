@@ -8,8 +8,8 @@ from longbow.v1 import (
     server_info_pb2 as info_pb,
     server_info_pb2_grpc,
 )
-from services.gateway import convert
-from services.gateway.generation import GenerationInput, GenerationService
+from longbow.services.gateway import convert
+from longbow.services.gateway.generation import GenerationInput, GenerationService
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from longbow.v1 import retrieval_pb2 as pb
 from longbow.v1 import retrieval_pb2_grpc
-from rag.embed import shared_embedder
-from rag.ingest import IngestLimits, Ingestor, IngestProgress, validate
-from rag.retrieve import HybridRetriever
-from rag.store import open_store
-from rag.types import Document, Hit
-from services.config import longbow_home
-from services.engine.errors import EngineStoppedError, InvalidRequestError
-from services.gateway.runtime import GatewayRuntime
+from longbow.rag.embed import shared_embedder
+from longbow.rag.ingest import IngestLimits, Ingestor, IngestProgress, validate
+from longbow.rag.retrieve import HybridRetriever
+from longbow.rag.store import open_store
+from longbow.rag.types import Document, Hit
+from longbow.services.config import longbow_home
+from longbow.services.engine.errors import EngineStoppedError, InvalidRequestError
+from longbow.services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         return self.retriever.retrieve(args["question"], args["top_k"], args["filters"])
 
     def _answer(self, args: dict, on_text=None):
-        from rag.flows import run_flow  # NOTE: imported late: flows pull in the generation modules
+        from longbow.rag.flows import run_flow  # NOTE: imported late: flows pull in the generation modules
 
         return run_flow(args["flow"], args["question"], self.retriever, self.lm, top_k=args["top_k"],
                         filters=args["filters"], max_tokens=args["max_tokens"], on_text=on_text)

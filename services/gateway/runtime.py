@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from services.config import LongbowConfig
-from services.engine.engine import AsyncLLMEngine
-from services.gateway.metrics import GatewayMetrics
+from longbow.services.config import LongbowConfig
+from longbow.services.engine.engine import AsyncLLMEngine
+from longbow.services.gateway.metrics import GatewayMetrics
 
 
 @dataclass
@@ -22,6 +22,6 @@ class GatewayRuntime:
 
     def lm(self):
         """`rag.lm.LM` over the gateway's engine; call it from worker threads (asyncio.to_thread)."""
-        from services.engine.lm import AsyncEngineLM
+        from longbow.services.engine.lm import AsyncEngineLM
 
         return AsyncEngineLM(self.engine, self.tokenizer, self.loop)

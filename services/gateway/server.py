@@ -27,13 +27,13 @@ from longbow.v1 import (
     sessions_pb2,
     sessions_pb2_grpc,
 )
-from services.config import LongbowConfig
-from services.engine.engine import AsyncLLMEngine
-from services.gateway import code_assist, handlers, retrieval, sessions
-from services.gateway.errors import ErrorInterceptor
-from services.gateway.generation import GenerationService
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.runtime import GatewayRuntime
+from longbow.services.config import LongbowConfig
+from longbow.services.engine.engine import AsyncLLMEngine
+from longbow.services.gateway import code_assist, handlers, retrieval, sessions
+from longbow.services.gateway.errors import ErrorInterceptor
+from longbow.services.gateway.generation import GenerationService
+from longbow.services.gateway.metrics import GatewayMetrics
+from longbow.services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ async def _refresh_metrics(generation: GenerationService, period_s: float = 1.0)
 
 async def serve(config: LongbowConfig) -> None:
     """`longbow serve`: load the model, start the engine and the gateway, stop cleanly on SIGTERM."""
-    from services.engine.engine import LLMEngine
-    from services.engine.weights import load_tokenizer
+    from longbow.services.engine.engine import LLMEngine
+    from longbow.services.engine.weights import load_tokenizer
 
     engine = AsyncLLMEngine(LLMEngine(config))
     tokenizer = load_tokenizer(engine.engine.loaded.checkpoint)

@@ -13,10 +13,10 @@ import logging
 
 from longbow.v1 import sessions_pb2 as pb
 from longbow.v1 import sessions_pb2_grpc
-from services.engine.errors import InvalidRequestError
-from services.engine.pie import UpdateMode
-from services.engine.sessions import SessionManager, TextEdit
-from services.gateway.runtime import GatewayRuntime
+from longbow.services.engine.errors import InvalidRequestError
+from longbow.services.engine.pie import UpdateMode
+from longbow.services.engine.sessions import SessionManager, TextEdit
+from longbow.services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ringattn import costmodel
-from ringattn.comm import CommCounter
-from ringattn.decode import decode_attention_pass_q
-from ringattn.ring import ring_attention
-from ringattn.tokenring import tokenring_attention
-from services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache
+from longbow.ringattn import costmodel
+from longbow.ringattn.comm import CommCounter
+from longbow.ringattn.decode import decode_attention_pass_q
+from longbow.ringattn.ring import ring_attention
+from longbow.ringattn.tokenring import tokenring_attention
+from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache
 
 log = logging.getLogger(__name__)
 

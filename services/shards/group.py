@@ -17,12 +17,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from services.config import LongbowConfig
-from services.engine.errors import EngineError
-from services.engine.model import ModelArgs
-from services.engine.types import SamplingParams, StepPlan, StepResult
-from services.engine.worker import ForwardOutput, Sampler
-from services.shards.worker import ShardWorker
+from longbow.services.config import LongbowConfig
+from longbow.services.engine.errors import EngineError
+from longbow.services.engine.model import ModelArgs
+from longbow.services.engine.types import SamplingParams, StepPlan, StepResult
+from longbow.services.engine.worker import ForwardOutput, Sampler
+from longbow.services.shards.worker import ShardWorker
 
 log = logging.getLogger(__name__)
 

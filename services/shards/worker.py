@@ -11,13 +11,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from ringattn.costmodel import AttentionShape
-from services.config import LongbowConfig
-from services.engine.kv_cache import LocalPagedAttention
-from services.engine.types import StepPlan
-from services.engine.weights import load_model
-from services.engine.worker import ForwardOutput, ModelRunner, ShardLayout
-from services.shards.attention import ShardedPagedAttention
+from longbow.ringattn.costmodel import AttentionShape
+from longbow.services.config import LongbowConfig
+from longbow.services.engine.kv_cache import LocalPagedAttention
+from longbow.services.engine.types import StepPlan
+from longbow.services.engine.weights import load_model
+from longbow.services.engine.worker import ForwardOutput, ModelRunner, ShardLayout
+from longbow.services.shards.attention import ShardedPagedAttention
 
 
 class ShardWorker:

@@ -11,8 +11,9 @@ from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, System
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from services.client.langchain import LongbowChatModel, LongbowLLM, to_chat_messages
-from services.client.sdk import LongbowClient, LongbowError
+from longbow.langchain import LongbowChatModel, LongbowLLM
+from longbow.services.client.langchain import to_chat_messages
+from longbow import LongbowClient, LongbowError
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 
-from services.client.langchain import LongbowRetriever
-from services.client.sdk import LongbowClient, LongbowError
+from longbow.langchain import LongbowRetriever
+from longbow import LongbowClient, LongbowError
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.config import ModelSource
-from services.engine.kv_cache import NoCacheAttention
-from services.engine.weights import WeightsError, load_model
+from longbow.services.config import ModelSource
+from longbow.services.engine.kv_cache import NoCacheAttention
+from longbow.services.engine.weights import WeightsError, load_model
 
 TOLERANCE = 1e-5  # fp32, tiny models: no massive activations, so the noise floor is far lower
 

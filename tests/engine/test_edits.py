@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.engine.edits import TokenizedText, apply_edit
-from services.engine.errors import InvalidRequestError
+from longbow.services.engine.edits import TokenizedText, apply_edit
+from longbow.services.engine.errors import InvalidRequestError
 
 CODE = '''import os
 

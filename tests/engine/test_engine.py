@@ -7,16 +7,16 @@ import asyncio
 import pytest
 import torch
 
-from services.config import EngineConfig, LongbowConfig
-from services.engine.engine import AsyncLLMEngine, LLMEngine
-from services.engine.errors import (
+from longbow.services.config import EngineConfig, LongbowConfig
+from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+from longbow.services.engine.errors import (
     CapacityError,
     InvalidRequestError,
     PromptTooLongError,
     UnknownRequestError,
 )
-from services.engine.kv_cache import NoCacheAttention
-from services.engine.types import FinishReason, Request, SamplingParams
+from longbow.services.engine.kv_cache import NoCacheAttention
+from longbow.services.engine.types import FinishReason, Request, SamplingParams
 
 pytestmark = pytest.mark.slow
 

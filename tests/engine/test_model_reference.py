@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.config import EngineConfig, LongbowConfig
-from services.engine.engine import LLMEngine
-from services.engine.kv_cache import NoCacheAttention
-from services.engine.types import SamplingParams
+from longbow.services.config import EngineConfig, LongbowConfig
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.kv_cache import NoCacheAttention
+from longbow.services.engine.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.config import EngineConfig, LongbowConfig
-from services.engine.engine import LLMEngine
-from services.engine.errors import CapacityError
-from services.engine.pie import DocumentKV, UpdateMode
-from services.engine.types import SamplingParams
+from longbow.services.config import EngineConfig, LongbowConfig
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.errors import CapacityError
+from longbow.services.engine.pie import DocumentKV, UpdateMode
+from longbow.services.engine.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.sampler import SamplingError, entropy_and_logprobs, new_generator, sample_row
-from services.engine.types import SamplingParams
+from longbow.services.engine.sampler import SamplingError, entropy_and_logprobs, new_generator, sample_row
+from longbow.services.engine.types import SamplingParams
 
 
 def test_tiny_temperature_tends_to_greedy_without_overflow():

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from services.engine.errors import UnknownRequestError
-from services.engine.scheduler import PrefillFirstScheduler, SplitFuseScheduler
-from services.engine.types import FinishReason, Request, SampledToken, SamplingParams, StepPlan, StepResult
+from longbow.services.engine.errors import UnknownRequestError
+from longbow.services.engine.scheduler import PrefillFirstScheduler, SplitFuseScheduler
+from longbow.services.engine.types import FinishReason, Request, SampledToken, SamplingParams, StepPlan, StepResult
 
 EOS = 2
 
@@ -33,8 +33,8 @@ def layout(plan):
 
 
 def test_scheduler_never_imports_torch():
-    assert "services.engine.scheduler" in sys.modules
-    import services.engine.scheduler as module
+    assert "longbow.services.engine.scheduler" in sys.modules
+    import longbow.services.engine.scheduler as module
 
     assert "torch" not in module.__dict__ and "torch" not in vars(module).get("__builtins__", {})
     source = open(module.__file__).read()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.config import EngineConfig, LongbowConfig, SessionsConfig
-from services.engine.engine import LLMEngine
-from services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
-from services.engine.pie import UpdateMode
-from services.engine.sessions import SessionManager, TextEdit
-from services.engine.types import SamplingParams
+from longbow.services.config import EngineConfig, LongbowConfig, SessionsConfig
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
+from longbow.services.engine.pie import UpdateMode
+from longbow.services.engine.sessions import SessionManager, TextEdit
+from longbow.services.engine.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.config import EngineConfig, LongbowConfig
-from services.engine.engine import AsyncLLMEngine, LLMEngine
-from services.engine.errors import InvalidRequestError
-from services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, generate_text
-from services.engine.types import FinishReason, SamplingParams
+from longbow.services.config import EngineConfig, LongbowConfig
+from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+from longbow.services.engine.errors import InvalidRequestError
+from longbow.services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, generate_text
+from longbow.services.engine.types import FinishReason, SamplingParams
 
 
 @given(text=st.text(max_size=60), stop=st.text(min_size=1, max_size=4), cuts=st.lists(st.integers(0, 60), max_size=8))

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from longbow.v1 import generation_pb2 as gen_pb
-from services.client.sdk import LongbowClient, LongbowError
+from longbow.services.client.sdk import LongbowClient, LongbowError
 from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.client.sdk import Edit, LongbowClient, LongbowError
+from longbow.services.client.sdk import Edit, LongbowClient, LongbowError
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from services.client.sdk import LongbowClient
+from longbow.services.client.sdk import LongbowClient
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def _read_port(process: subprocess.Popen, limit_lines: int = 200) -> int:
 @pytest.mark.parametrize("shards", [0, 2])
 def test_serve_answers_then_stops_on_sigterm(shards):
     env = {**os.environ, "LONGBOW_PORT": "0"}
-    command = [sys.executable, "-m", "services.cli", "serve", "--no-metrics", "--shards", str(shards)]
+    command = [sys.executable, "-m", "longbow.services.cli", "serve", "--no-metrics", "--shards", str(shards)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         port = _read_port(process)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.client.errors import LongbowError
-from services.client.sdk import LongbowClient
+from longbow.services.client.errors import LongbowError
+from longbow.services.client.sdk import LongbowClient
 from tests.rag.codectx.workspaces import MODELS, write_workspace
 
 USE = """
@@ -110,7 +110,7 @@ def test_service_is_listed_as_implemented(client):
 def test_async_client_calls(gateway, hole):
     import asyncio
 
-    from services.client.sdk import AsyncLongbowClient
+    from longbow.services.client.sdk import AsyncLongbowClient
 
     async def calls():
         async with AsyncLongbowClient(gateway.address, timeout_s=120) as client:

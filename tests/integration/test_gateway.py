@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from longbow.v1 import generation_pb2 as gen_pb
-from services.client.sdk import LongbowClient, LongbowError
+from longbow.services.client.sdk import LongbowClient, LongbowError
 from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.slow

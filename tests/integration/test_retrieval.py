@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from longbow.v1 import retrieval_pb2 as pb
-from rag.types import Document
-from services.client.sdk import AsyncLongbowClient, LongbowClient, LongbowError
+from longbow.rag.types import Document
+from longbow.services.client.sdk import AsyncLongbowClient, LongbowClient, LongbowError
 from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.client.sdk import AsyncLongbowClient, Edit, LongbowClient, LongbowError
+from longbow.services.client.sdk import AsyncLongbowClient, Edit, LongbowClient, LongbowError
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def no_session_left_open(gateway):
 
 
 def _manager(gateway):
-    from services.gateway.sessions import SessionsServicer
+    from longbow.services.gateway.sessions import SessionsServicer
 
     return next(s for s in gateway.gateway.servicers if isinstance(s, SessionsServicer)).manager
 

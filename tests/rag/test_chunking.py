@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from rag.chunking import (
+from longbow.rag.chunking import (
     FixedSizeChunker,
     MarginChunker,
     PerplexityChunker,
@@ -18,9 +18,9 @@ from rag.chunking import (
     perplexity_boundaries,
     sentence_spans,
 )
-from rag.chunking.perplexity import scored_logprobs, sentence_nll
-from rag.lm import LM
-from rag.types import Document
+from longbow.rag.chunking.perplexity import scored_logprobs, sentence_nll
+from longbow.rag.lm import LM
+from longbow.rag.types import Document
 
 TEXT = ("Dr. Smith went to Washington.  He arrived at 5 p.m. on Jan. 3rd!\n\nThe weather was cold. "
         "Snow fell all day.\nMeanwhile, in Paris, the markets opened early. Traders were nervous. "

@@ -3,10 +3,10 @@ sentence, the round on a scripted fake LM, and the round bound end to end."""
 
 import pytest
 
-from rag.dragin import (attention_received, cut_before_sentence, first_trigger, later_attention, qfs_query,
+from longbow.rag.dragin import (attention_received, cut_before_sentence, first_trigger, later_attention, qfs_query,
                         rind_scores, words_by_attention)
-from rag.flows import build_flow, execute_flow, run_flow
-from rag.types import Document
+from longbow.rag.flows import build_flow, execute_flow, run_flow
+from longbow.rag.types import Document
 from tests.rag.test_flows_fakes import KeywordRetriever, Reply, WordLM
 
 DOCUMENTS = [
@@ -171,7 +171,7 @@ def test_dragin_without_initial_retrieval_starts_from_the_model():
 
 @pytest.mark.slow
 def test_dragin_end_to_end_on_the_real_model_respects_the_round_bound(engine_lm):
-    from rag.eval.synthetic import make_corpus
+    from longbow.rag.eval.synthetic import make_corpus
 
     corpus = make_corpus(0, num_documents=12)
     retriever = KeywordRetriever(corpus.documents)
@@ -190,7 +190,7 @@ def test_dragin_end_to_end_on_the_real_model_respects_the_round_bound(engine_lm)
 
 @pytest.mark.slow
 def test_single_flow_streams_the_answer_on_the_real_model(engine_lm):
-    from rag.eval.synthetic import make_corpus
+    from longbow.rag.eval.synthetic import make_corpus
 
     corpus = make_corpus(0, num_documents=12)
     pieces = []

@@ -1,11 +1,11 @@
-"""rag.eval: the synthetic corpus and chunking set are deterministic and self-consistent; the metrics
+"""longbow.rag.eval: the synthetic corpus and chunking set are deterministic and self-consistent; the metrics
 agree with hand-computed values."""
 
 import pytest
 
-from rag.eval.metrics import (answer_contains, boundary_f1, exact_match, normalize_answer, pk, token_f1,
+from longbow.rag.eval.metrics import (answer_contains, boundary_f1, exact_match, normalize_answer, pk, token_f1,
                               wilson_interval)
-from rag.eval.synthetic import make_chunking_set, make_corpus
+from longbow.rag.eval.synthetic import make_chunking_set, make_corpus
 
 
 def test_corpus_is_deterministic_for_a_seed_and_differs_across_seeds():

@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from rag.flows import (FLOWS, Branching, Conditional, Loop, Sequence, Step, build_flow, execute_flow,
+from longbow.rag.flows import (FLOWS, Branching, Conditional, Loop, Sequence, Step, build_flow, execute_flow,
                         route_by_query, run_flow)
-from rag.modules.retrieval import reciprocal_rank_fusion_hits
-from rag.modules.state import FlowSettings, FlowState
-from rag.types import Document
+from longbow.rag.modules.retrieval import reciprocal_rank_fusion_hits
+from longbow.rag.modules.state import FlowSettings, FlowState
+from longbow.rag.types import Document
 from tests.rag.test_flows_fakes import KeywordRetriever, Reply, WordLM
 
 DOCUMENTS = [

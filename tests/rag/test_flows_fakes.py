@@ -7,8 +7,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rag.lm import LM, LMGeneration
-from rag.types import Chunk, Document, Hit, Retriever
+from longbow.rag.lm import LM, LMGeneration
+from longbow.rag.types import Chunk, Document, Hit, Retriever
 
 EOS = 0
 

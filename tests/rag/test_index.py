@@ -8,12 +8,12 @@ import uuid
 import numpy as np
 import pytest
 
-from rag.embed import shared_embedder
-from rag.index import DenseIndex, LiveIndex, SparseIndex, bm25_terms
-from rag.ingest import Ingestor
-from rag.retrieve import HybridRetriever
-from rag.store import EmbeddedStore, RedisStore
-from rag.types import Document
+from longbow.rag.embed import shared_embedder
+from longbow.rag.index import DenseIndex, LiveIndex, SparseIndex, bm25_terms
+from longbow.rag.ingest import Ingestor
+from longbow.rag.retrieve import HybridRetriever
+from longbow.rag.store import EmbeddedStore, RedisStore
+from longbow.rag.types import Document
 
 CORPUS = [
     Document("rivers", "The Danube flows through ten countries. It ends in the Black Sea.", {"topic": "geo"}),

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from rag.ingest import IngestLimits, Ingestor, ingest_paths, read_documents
-from rag.retrieve import HybridRetriever
-from rag.store import EmbeddedStore
-from rag.types import Document
+from longbow.rag.ingest import IngestLimits, Ingestor, ingest_paths, read_documents
+from longbow.rag.retrieve import HybridRetriever
+from longbow.rag.store import EmbeddedStore
+from longbow.rag.types import Document
 
 DOCS = [Document("a", "Apples are red. They grow on trees.", {"kind": "fruit"}),
         Document("b", "Basalt is a volcanic rock. It is dark and dense.", {"kind": "rock"})]

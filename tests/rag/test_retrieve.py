@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from rag.ingest import Ingestor
-from rag.retrieve import HybridRetriever, reciprocal_rank_fusion
-from rag.store import EmbeddedStore
-from rag.types import Document
+from longbow.rag.ingest import Ingestor
+from longbow.rag.retrieve import HybridRetriever, reciprocal_rank_fusion
+from longbow.rag.store import EmbeddedStore
+from longbow.rag.types import Document
 
 DOCUMENTS = [
     Document("kb-1", "Error code XQ-7731 means the flux capacitor lost sync. Restart the unit to clear it.",

@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from rag.store import ChangeLogGap, EmbeddedStore, RedisStore, StoredDocument, open_store
-from rag.types import Chunk
+from longbow.rag.store import ChangeLogGap, EmbeddedStore, RedisStore, StoredDocument, open_store
+from longbow.rag.types import Chunk
 
 
 @pytest.fixture(params=["embedded", "redis"])

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ringattn.layout import Shard, layout_indices, shard_by_indices
-from ringattn.local import reference_lse, sdpa_reference
+from longbow.ringattn.layout import Shard, layout_indices, shard_by_indices
+from longbow.ringattn.local import reference_lse, sdpa_reference
 
 HEADS_KV = 12  # divisible by every N in {1, 2, 3, 4}, so Ulysses runs in every case
 HEAD_DIM = 8

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from ringattn.comm import CommCounter, run_emulated
+from longbow.ringattn.comm import CommCounter, run_emulated
 
 
 def test_exchange_delivers_and_counts_posted_bytes() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ringattn.costmodel import (
+from longbow.ringattn.costmodel import (
     A10_PCIE_MESH,
     A10_PCIE_SWITCH,
     H100_NVSWITCH,

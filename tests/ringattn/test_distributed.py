@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from ringattn import SCHEDULES, CommCounter
-from ringattn.costmodel import AttentionShape, predicted_bytes, schedule_steps
+from longbow.ringattn import SCHEDULES, CommCounter
+from longbow.ringattn.costmodel import AttentionShape, predicted_bytes, schedule_steps
 from tests.ringattn.cases import FP32_TOL, HEAD_DIM, HEADS_KV, Case, all_cases, build, errors
 from tests.ringattn.multiprocess import run_processes
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ringattn.local as local
-from ringattn.layout import layout_indices
-from ringattn.local import block_attention, computed_pairs, reference_lse, sdpa_reference
+import longbow.ringattn.local as local
+from longbow.ringattn.layout import layout_indices
+from longbow.ringattn.local import block_attention, computed_pairs, reference_lse, sdpa_reference
 
 
 @pytest.mark.parametrize("causal", [True, False])

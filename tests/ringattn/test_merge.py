@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringattn.local import block_attention
-from ringattn.merge import merge_many, merge_partials
+from longbow.ringattn.local import block_attention
+from longbow.ringattn.merge import merge_many, merge_partials
 
 LSE = st.one_of(st.floats(-80.0, 80.0), st.just(-math.inf))
 # A partial that saw no key is (zeros, -inf): that is what block_attention returns, and the merge

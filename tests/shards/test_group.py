@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from services.config import EngineConfig, LongbowConfig, ModelSource
-from services.engine.engine import LLMEngine
-from services.engine.errors import PromptTooLongError
-from services.engine.types import FinishReason, Request, SamplingParams
+from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.errors import PromptTooLongError
+from longbow.services.engine.types import FinishReason, Request, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_killed_shard_fails_in_flight_request_promptly_and_group_recovers(ray_se
 
 
 def test_shard_metrics_reach_prometheus(ray_session, loaded_model, prompts):
-    from services.gateway.metrics import GatewayMetrics
+    from longbow.services.gateway.metrics import GatewayMetrics
     from prometheus_client import generate_latest
 
     engine = LLMEngine(_config(2), loaded_model)
@@ -125,7 +125,7 @@ def test_shard_metrics_reach_prometheus(ray_session, loaded_model, prompts):
 
 
 def test_unplaceable_group_is_a_clear_error(ray_session, loaded_model):
-    from services.shards.group import ShardFailureError
+    from longbow.services.shards.group import ShardFailureError
 
     config = _config(2)
     config.engine.cpus_per_shard = 64  # more than the test cluster has

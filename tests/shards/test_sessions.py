@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.config import EngineConfig, LongbowConfig, ModelSource
-from services.engine.engine import LLMEngine
-from services.engine.sessions import SessionManager, TextEdit
+from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
+from longbow.services.engine.engine import LLMEngine
+from longbow.services.engine.sessions import SessionManager, TextEdit
 
 pytestmark = pytest.mark.slow
 

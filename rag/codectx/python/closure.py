@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from rag.codectx.python.definitions import Definition
+from longbow.rag.codectx.python.definitions import Definition
 
 MAX_CLOSURE = 64
 

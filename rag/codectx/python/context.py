@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import ast
 
-from rag.codectx.packing import TokenCounter, pack_context
-from rag.codectx.python.annotations import mentioned_names, parse_annotation
-from rag.codectx.python.closure import type_closure
-from rag.codectx.python.definitions import Definition
-from rag.codectx.python.expected import expected_type
-from rag.codectx.python.headers import RankingHints, rank_headers
-from rag.codectx.python.index import PythonIndex
-from rag.codectx.python.parsing import parse_with_hole
-from rag.codectx.python.scope import Binding, ScopeResolver
-from rag.codectx.records import CodeContext, ContextItem
+from longbow.rag.codectx.packing import TokenCounter, pack_context
+from longbow.rag.codectx.python.annotations import mentioned_names, parse_annotation
+from longbow.rag.codectx.python.closure import type_closure
+from longbow.rag.codectx.python.definitions import Definition
+from longbow.rag.codectx.python.expected import expected_type
+from longbow.rag.codectx.python.headers import RankingHints, rank_headers
+from longbow.rag.codectx.python.index import PythonIndex
+from longbow.rag.codectx.python.parsing import parse_with_hole
+from longbow.rag.codectx.python.scope import Binding, ScopeResolver
+from longbow.rag.codectx.records import CodeContext, ContextItem
 
 MAX_BINDINGS = 80
 

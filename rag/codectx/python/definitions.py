@@ -8,7 +8,7 @@ import ast
 import dataclasses
 from dataclasses import dataclass, field
 
-from rag.codectx.python.annotations import mentioned_names
+from longbow.rag.codectx.python.annotations import mentioned_names
 
 MAX_CLASS_LINES = 30  # a rendered class keeps at most this many body lines
 _TYPE_FACTORIES = frozenset({"NewType", "TypeVar", "NamedTuple", "TypedDict", "Enum", "ParamSpec"})

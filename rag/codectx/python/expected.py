@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import ast
 
-from rag.codectx.python.definitions import Definition
-from rag.codectx.python.scope import ScopeResolver
-from rag.codectx.records import ExpectedType
+from longbow.rag.codectx.python.definitions import Definition
+from longbow.rag.codectx.python.scope import ScopeResolver
+from longbow.rag.codectx.records import ExpectedType
 
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 

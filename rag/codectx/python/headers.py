@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from rag.codectx.python.annotations import BUILTIN_SCALARS, UNSPECIFIC, TypeShape, shape_from_text
-from rag.codectx.python.definitions import Definition
+from longbow.rag.codectx.python.annotations import BUILTIN_SCALARS, UNSPECIFIC, TypeShape, shape_from_text
+from longbow.rag.codectx.python.definitions import Definition
 
 MAX_HEADERS = 8
 MAX_CODOMAIN_DEPTH = 2

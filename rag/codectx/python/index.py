@@ -12,10 +12,10 @@ import ast
 import threading
 from collections import defaultdict
 
-from rag.codectx.errors import CodeContextError
-from rag.codectx.python.definitions import Definition, ModuleSummary, summarize_module
-from rag.codectx.python.parsing import parse_with_hole
-from rag.codectx.workspace import Workspace
+from longbow.rag.codectx.errors import CodeContextError
+from longbow.rag.codectx.python.definitions import Definition, ModuleSummary, summarize_module
+from longbow.rag.codectx.python.parsing import parse_with_hole
+from longbow.rag.codectx.workspace import Workspace
 
 _KIND_ORDER = {"dataclass": 0, "typeddict": 0, "protocol": 0, "enum": 0, "namedtuple": 0, "class": 1,
                "alias": 1, "function": 2, "method": 3}

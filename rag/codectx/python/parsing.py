@@ -12,7 +12,7 @@ import ast
 import keyword
 from dataclasses import dataclass
 
-from rag.codectx.errors import PositionError
+from longbow.rag.codectx.errors import PositionError
 
 SENTINEL = "__longbow_hole__"
 MAX_RECOVERY_STEPS = 40

@@ -11,9 +11,9 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from rag.codectx.python.definitions import Definition
-from rag.codectx.python.index import PythonIndex
-from rag.codectx.python.parsing import SENTINEL, ParsedHole
+from longbow.rag.codectx.python.definitions import Definition
+from longbow.rag.codectx.python.index import PythonIndex
+from longbow.rag.codectx.python.parsing import SENTINEL, ParsedHole
 
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _LITERAL_TYPES = {bool: "bool", int: "int", float: "float", str: "str", bytes: "bytes", type(None): "None"}

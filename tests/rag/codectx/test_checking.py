@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rag.codectx.checking import insert_fill
-from rag.codectx.service import CodeContextService, HoleRequest
+from longbow.rag.codectx.checking import insert_fill
+from longbow.rag.codectx.service import CodeContextService, HoleRequest
 
 from .workspaces import MODELS
 

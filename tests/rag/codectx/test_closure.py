@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rag.codectx.python.closure import type_closure
-from rag.codectx.python.index import PythonIndex
-from rag.codectx.workspace import Workspace
+from longbow.rag.codectx.python.closure import type_closure
+from longbow.rag.codectx.python.index import PythonIndex
+from longbow.rag.codectx.workspace import Workspace
 
 from .workspaces import MODELS
 

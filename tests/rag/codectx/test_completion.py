@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rag.codectx.completion import clean_fill
-from rag.codectx.service import CodeContextService, HoleRequest
-from rag.lm import LM, LMGeneration
+from longbow.rag.codectx.completion import clean_fill
+from longbow.rag.codectx.service import CodeContextService, HoleRequest
+from longbow.rag.lm import LM, LMGeneration
 
 from .workspaces import MODELS
 

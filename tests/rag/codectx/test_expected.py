@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rag.codectx.service import build_context
+from longbow.rag.codectx.service import build_context
 
 from .workspaces import MODELS
 

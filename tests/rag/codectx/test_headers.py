@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rag.codectx.python.definitions import Definition
-from rag.codectx.python.headers import MAX_HEADERS, RankingHints, rank_headers
+from longbow.rag.codectx.python.definitions import Definition
+from longbow.rag.codectx.python.headers import MAX_HEADERS, RankingHints, rank_headers
 
 
 def _function(name: str, returns: str, path: str = "lib.py", line: int = 1, params=(), owner="") -> Definition:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from rag.codectx.python.index import PythonIndex
-from rag.codectx.workspace import Workspace
+from longbow.rag.codectx.python.index import PythonIndex
+from longbow.rag.codectx.workspace import Workspace
 
 from .workspaces import MODELS
 

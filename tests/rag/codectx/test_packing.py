@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rag.codectx.packing import approximate_tokens, pack_context
-from rag.codectx.records import ContextItem, ExpectedType
-from rag.codectx.service import build_context
+from longbow.rag.codectx.packing import approximate_tokens, pack_context
+from longbow.rag.codectx.records import ContextItem, ExpectedType
+from longbow.rag.codectx.service import build_context
 
 from .workspaces import MODELS
 

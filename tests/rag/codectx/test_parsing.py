@@ -6,8 +6,8 @@ import ast
 
 import pytest
 
-from rag.codectx.errors import PositionError
-from rag.codectx.python.parsing import SENTINEL, parse_with_hole
+from longbow.rag.codectx.errors import PositionError
+from longbow.rag.codectx.python.parsing import SENTINEL, parse_with_hole
 
 
 def _hole(source: str) -> tuple[str, int, int]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from rag.codectx.errors import (
+from longbow.rag.codectx.errors import (
     OutsideWorkspaceError,
     PositionError,
     UnknownFileError,
     UnsupportedLanguageError,
 )
-from rag.codectx.service import CodeContextService, HoleRequest
+from longbow.rag.codectx.service import CodeContextService, HoleRequest
 
 from .workspaces import MODELS
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rag.codectx.errors import CheckerUnavailableError, PositionError
-from rag.codectx.service import CodeContextService, HoleRequest
+from longbow.rag.codectx.errors import CheckerUnavailableError, PositionError
+from longbow.rag.codectx.service import CodeContextService, HoleRequest
 
 MODELS_TS = """
     export enum Role { Admin = "admin", Member = "member" }
@@ -100,7 +100,7 @@ def test_helper_restarts_after_it_dies(service, workspace):
 
 
 def test_helper_that_cannot_start_is_a_clear_error(workspace):
-    from rag.codectx.typescript import TypeScriptHelper
+    from longbow.rag.codectx.typescript import TypeScriptHelper
 
     with pytest.raises(CheckerUnavailableError):
         TypeScriptHelper(node="/nonexistent/node").call("ping")

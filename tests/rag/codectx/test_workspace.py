@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
-from rag.codectx.workspace import Workspace, WorkspaceLimits
+from longbow.rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
+from longbow.rag.codectx.workspace import Workspace, WorkspaceLimits
 
 
 @pytest.fixture
