@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from longbow.services.client.sdk import AsyncLongbowClient
 from longbow.services.config import EngineConfig, GatewayConfig, LongbowConfig, ModelSource
 from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
-from longbow.services.engine.text import stream_text
+from longbow.services.text.text import stream_text
 from longbow.services.engine.types import Request, SamplingParams
 from longbow.services.engine.weights import load_model, load_tokenizer
 

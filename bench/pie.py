@@ -78,7 +78,7 @@ def make_edit(context: list[str], kind: str, donor_lines: list[str], rng: random
 
 def run_sample(manager, pre: str, edit, real: str, modes: list[str]) -> dict:
     from longbow.services.engine.pie import UpdateMode
-    from longbow.services.engine.sessions import TextEdit
+    from longbow.services.text.sessions import TextEdit
 
     base = manager.open(pre, mode=UpdateMode.FULL)
     results = {}
@@ -166,7 +166,7 @@ def main() -> None:
 
     from longbow.services.config import EngineConfig, LongbowConfig, ModelSource, SessionsConfig
     from longbow.services.engine.engine import LLMEngine
-    from longbow.services.engine.sessions import SessionManager
+    from longbow.services.text.sessions import SessionManager
     from longbow.services.engine.weights import load_tokenizer
 
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),

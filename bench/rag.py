@@ -74,7 +74,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def load_lm():
     from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
-    from longbow.services.engine.lm import EngineLM
+    from longbow.services.text.lm import EngineLM
 
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
                            engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))

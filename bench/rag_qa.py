@@ -80,7 +80,7 @@ def make_retriever(kind: str, documents: list[Document], directory: str) -> tupl
 
 def load_lm():
     from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
-    from longbow.services.engine.lm import EngineLM
+    from longbow.services.text.lm import EngineLM
 
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
                            engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))

@@ -1,7 +1,7 @@
 """The one interface rag/ uses to reach a language model.
 
-Implementations live outside rag/: `services.engine.lm.EngineLM` (the in-process engine, tests and
-`longbow serve`), `services.engine.lm.AsyncEngineLM` (the gateway's engine, called from worker threads)
+Implementations live outside rag/: `services.text.lm.EngineLM` (the in-process engine, tests and
+`longbow serve`), `services.text.lm.AsyncEngineLM` (the gateway's engine, called from worker threads)
 and `services.client.lm.ClientLM` (a remote gateway through the SDK). rag/ code takes an `LM` argument and
 never constructs one.
 """

@@ -74,7 +74,7 @@ def _generate_remote(args) -> int:
 
 def _generate_embedded(args) -> int:
     from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
-    from longbow.services.engine.text import encode_chat, stream_text
+    from longbow.services.text.text import encode_chat, stream_text
     from longbow.services.engine.types import Request, SamplingParams
     from longbow.services.engine.weights import load_tokenizer
 
@@ -108,7 +108,7 @@ def _rag_location(config) -> tuple[str, str]:
 
 
 def _embedded_lm(config):
-    from longbow.services.engine.lm import EngineLM
+    from longbow.services.text.lm import EngineLM
 
     return EngineLM.from_config(config)
 

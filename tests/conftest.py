@@ -92,7 +92,7 @@ def engine_lm(loaded_model, tokenizer):
     """`rag.lm.LM` over a synchronous in-process engine on the real model (one per test session)."""
     from longbow.services.config import EngineConfig, LongbowConfig
     from longbow.services.engine.engine import LLMEngine
-    from longbow.services.engine.lm import EngineLM
+    from longbow.services.text.lm import EngineLM
 
     config = LongbowConfig(engine=EngineConfig(token_budget=256, block_size=16, num_blocks=512))
     return EngineLM(LLMEngine(config, loaded_model), tokenizer)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from longbow.services.config import GatewayConfig
 from longbow.services.engine.engine import AsyncLLMEngine
 from longbow.services.engine.errors import CapacityError, InvalidRequestError
-from longbow.services.engine.text import TextDelta, encode_chat, stream_text
+from longbow.services.text.text import TextDelta, encode_chat, stream_text
 from longbow.services.engine.types import FinishReason, Request, SamplingParams
 from longbow.services.gateway.metrics import GatewayMetrics
 

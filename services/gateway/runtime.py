@@ -22,6 +22,6 @@ class GatewayRuntime:
 
     def lm(self):
         """`rag.lm.LM` over the gateway's engine; call it from worker threads (asyncio.to_thread)."""
-        from longbow.services.engine.lm import AsyncEngineLM
+        from longbow.services.text.lm import AsyncEngineLM
 
         return AsyncEngineLM(self.engine, self.tokenizer, self.loop)

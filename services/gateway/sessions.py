@@ -15,7 +15,7 @@ from longbow.v1 import sessions_pb2 as pb
 from longbow.v1 import sessions_pb2_grpc
 from longbow.services.engine.errors import InvalidRequestError
 from longbow.services.engine.pie import UpdateMode
-from longbow.services.engine.sessions import SessionManager, TextEdit
+from longbow.services.text.sessions import SessionManager, TextEdit
 from longbow.services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)

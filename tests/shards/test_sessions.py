@@ -8,7 +8,7 @@ import torch
 
 from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
 from longbow.services.engine.engine import LLMEngine
-from longbow.services.engine.sessions import SessionManager, TextEdit
+from longbow.services.text.sessions import SessionManager, TextEdit
 
 pytestmark = pytest.mark.slow
 

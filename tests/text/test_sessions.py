@@ -9,7 +9,7 @@ from longbow.services.config import EngineConfig, LongbowConfig, SessionsConfig
 from longbow.services.engine.engine import LLMEngine
 from longbow.services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
 from longbow.services.engine.pie import UpdateMode
-from longbow.services.engine.sessions import SessionManager, TextEdit
+from longbow.services.text.sessions import SessionManager, TextEdit
 from longbow.services.engine.types import SamplingParams
 
 pytestmark = pytest.mark.slow

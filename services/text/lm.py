@@ -11,7 +11,7 @@ import threading
 from longbow.rag.lm import LM, LMGeneration
 from longbow.services.config import LongbowConfig, load_config
 from longbow.services.engine.engine import AsyncLLMEngine, Completion, LLMEngine
-from longbow.services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
+from longbow.services.text.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, stream_text
 from longbow.services.engine.types import FinishReason, Request, SamplingParams
 from longbow.services.engine.weights import load_tokenizer
 

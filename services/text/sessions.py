@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from longbow.services.config import SessionsConfig
-from longbow.services.engine.edits import TokenizedText, apply_edit
+from longbow.services.text.edits import TokenizedText, apply_edit
 from longbow.services.engine.engine import LLMEngine
 from longbow.services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
 from longbow.services.engine.pie import DocumentKV, UpdateMode

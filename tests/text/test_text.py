@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from longbow.services.config import EngineConfig, LongbowConfig
 from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
 from longbow.services.engine.errors import InvalidRequestError
-from longbow.services.engine.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, generate_text
+from longbow.services.text.text import IncrementalDetokenizer, StopStringMatcher, encode_chat, generate_text
 from longbow.services.engine.types import FinishReason, SamplingParams
 
 

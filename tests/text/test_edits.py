@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longbow.services.engine.edits import TokenizedText, apply_edit
+from longbow.services.text.edits import TokenizedText, apply_edit
 from longbow.services.engine.errors import InvalidRequestError
 
 CODE = '''import os
