@@ -61,6 +61,7 @@ from bench.engine import (  (the same workload and metrics as the engine benchma
 )
 from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
 from longbow.services.engine.engine import LLMEngine
+from longbow.services.replica import build_engine
 from longbow.services.engine.scheduler import blocks_for
 from longbow.services.engine.types import Request, SamplingParams
 from longbow.services.engine.weights import LoadedModel, load_model, load_tokenizer
@@ -82,12 +83,12 @@ def label(shards: int) -> str:
 def make_engine(loaded: LoadedModel | None, shards: int, num_blocks: int, args) -> LLMEngine:
     engine = EngineConfig(token_budget=args.token_budget, block_size=args.block_size, num_blocks=num_blocks,
                           shards=shards, step_timeout_s=600)
-    return LLMEngine(LongbowConfig(model=MODEL, engine=engine), loaded)
+    return build_engine(LongbowConfig(model=MODEL, engine=engine), loaded)
 
 
 # ---- per-shard counters ------------------------------------------------------------------------------
 def shard_stats(engine: LLMEngine) -> list[dict] | None:
-    return engine.worker.stats() if engine.config.engine.shards else None
+    return engine.executor.stats()["shards"] if engine.config.engine.shards else None
 
 
 def stats_delta(before: list[dict] | None, after: list[dict] | None) -> list[dict] | None:
@@ -157,7 +158,7 @@ def decode_step_times(engines: dict[str, LLMEngine], prompt: list[int], steps: i
 
 def time_forward(engine: LLMEngine) -> list[float]:
     """Times the in-process runner's forward passes until untime_forward (an actor times its own)."""
-    runner, durations = engine.worker.runner, []
+    runner, durations = engine.executor.runner, []
     forward = runner.forward
 
     def timed(plan):
@@ -172,7 +173,7 @@ def time_forward(engine: LLMEngine) -> list[float]:
 
 
 def untime_forward(engine: LLMEngine) -> None:
-    del engine.worker.runner.forward  # the instance attribute time_forward set: the class's method again
+    del engine.executor.runner.forward  # the instance attribute time_forward set: the class's method again
 
 
 def forward_mean_s(durations: list[float] | None, deltas: list[dict] | None) -> float:

@@ -73,13 +73,14 @@ def _generate_remote(args) -> int:
 
 
 def _generate_embedded(args) -> int:
-    from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+    from longbow.services.engine.engine import AsyncLLMEngine
+    from longbow.services.replica import build_engine
     from longbow.services.text.text import encode_chat, stream_text
     from longbow.services.engine.types import Request, SamplingParams
     from longbow.services.engine.weights import load_tokenizer
 
     config = load_config(args.config)
-    engine = LLMEngine(config)
+    engine = build_engine(config)
     tokenizer = load_tokenizer(engine.loaded.checkpoint)
     ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat else tokenizer(args.prompt).input_ids
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -34,7 +34,7 @@ class ModelSource:
 class EngineConfig:
     """One model replica. token_budget is SplitFuse's fixed tokens per forward pass."""
 
-    token_budget: int = 512
+    token_budget: int = 0  # 0: by device, 512 on CPU and 2048 on a GPU (engine.default_token_budget)
     block_size: int = 16
     num_blocks: int = 2048  # KV capacity = num_blocks * block_size tokens
     max_seqs: int = 64  # sequences per step
@@ -62,6 +62,11 @@ class GatewayConfig:
     max_inflight: int = 64  # concurrent generation calls before RESOURCE_EXHAUSTED
     default_max_tokens: int = 128
     max_prompt_chars: int = 1_000_000
+    # Pods (k8s/, services/gateway/lifecycle.py): drain, readiness, replica-local sessions.
+    health_port: int | None = None  # plaintext gRPC health only, for kubelet probes (no TLS, no token); None: off
+    shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight streams get this long before UNAVAILABLE
+    stall_timeout_s: float = 60.0  # queued work with no engine step for this long: NOT_SERVING
+    replica_id: str = ""  # names this replica in session ids (the pod name); empty: the host name
 
 
 @dataclass
@@ -83,8 +88,9 @@ class RagConfig:
 
 @dataclass
 class CodeContextConfig:
-    """Typed-hole code context (rag/codectx/). allowed_roots empty: any directory the client names may be a
-    workspace root (a local IDE server); set it when the gateway is shared."""
+    """Typed-hole code context (rag/codectx/). allowed_roots empty (the default): the server reads no file
+    from disk, a workspace is what the client sends (UpdateFiles, open files); set it (LONGBOW_CODE_ROOTS)
+    to let requests whose root lies inside one of these directories read it from disk."""
 
     default_token_budget: int = 2048
     max_token_budget: int = 16384
@@ -94,6 +100,9 @@ class CodeContextConfig:
     max_open_files: int = 200  # open files one request may send
     max_workspaces: int = 8  # workspace indexes kept; the least recently used is dropped
     default_max_tokens: int = 64  # fill length when the request leaves max_tokens at 0
+    max_read_files: int = 2_000  # files one request may read from disk (the index catches up later)
+    max_read_bytes: int = 32_000_000  # bytes one request may read from disk
+    max_request_s: float = 10.0  # time one request may spend reading and indexing the disk
 
 
 @dataclass
@@ -135,6 +144,9 @@ _ENV_KEYS = {
     "LONGBOW_TLS_CERT": ("gateway", "tls_cert", str),
     "LONGBOW_TLS_KEY": ("gateway", "tls_key", str),
     "LONGBOW_MAX_INFLIGHT": ("gateway", "max_inflight", int),
+    "LONGBOW_HEALTH_PORT": ("gateway", "health_port", int),
+    "LONGBOW_SHUTDOWN_TIMEOUT_S": ("gateway", "shutdown_timeout_s", float),
+    "LONGBOW_REPLICA_ID": ("gateway", "replica_id", str),
     "LONGBOW_STORE_URL": ("rag", "store_url", str),
     "LONGBOW_RAG_DIR": ("rag", "data_dir", str),
     "LONGBOW_RAG_CHUNKER": ("rag", "default_chunker", str),

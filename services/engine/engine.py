@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+import torch
 
 from longbow.services.config import LongbowConfig, load_config
 from longbow.services.engine.errors import (
@@ -29,9 +33,16 @@ from longbow.services.engine.errors import (
 from longbow.services.engine.scheduler import blocks_for, make_scheduler
 from longbow.services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
 from longbow.services.engine.weights import LoadedModel, load_model
+from longbow.services.engine.executor import Executor
 from longbow.services.engine.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+def default_token_budget(device) -> int:
+    """SplitFuse's tokens per forward pass when the config leaves it at 0: 512 on CPU, where a pass over
+    more tokens only adds latency, and 2048 on a GPU, which needs wide passes to be busy."""
+    return 2048 if torch.device(device).type == "cuda" else 512
 
 
 @dataclass
@@ -60,7 +71,11 @@ class Completion:
 
 
 class LLMEngine:
-    def __init__(self, config: LongbowConfig | None = None, loaded: LoadedModel | None = None):
+    """Schedule -> execute -> update, one step at a time. The engine is the only caller of its executor
+    (executor.py) and, through the scheduler's BlockPool, the only owner of KV blocks."""
+
+    def __init__(self, config: LongbowConfig | None = None, loaded: LoadedModel | None = None,
+                 executor: Executor | None = None):
         self.config = config or load_config()
         self.loaded = loaded or load_model(self.config.model)
         cfg, args = self.config.engine, self.loaded.args
@@ -68,33 +83,28 @@ class LLMEngine:
         # every earlier key; rather than serve silently different attention we cap the context there.
         limits = [args.max_position_embeddings, cfg.max_model_len, args.sliding_window]
         self.max_model_len = min(x for x in limits if x)
-        self.worker = self._make_executor()
+        if executor is None and cfg.shards:
+            raise ValueError("engine.shards > 0 needs a shard group: build the engine with "
+                             "longbow.services.replica.build_engine(config)")
+        self.executor: Executor = executor or Worker(self.loaded, cfg.num_blocks, cfg.block_size)
         self.scheduler = make_scheduler(
             cfg.policy, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
-            token_budget=cfg.token_budget, max_seqs=cfg.max_seqs, eos_ids=args.eos_token_ids,
-            num_shards=max(1, cfg.shards),
+            token_budget=cfg.token_budget or default_token_budget(self.loaded.device), max_seqs=cfg.max_seqs,
+            eos_ids=args.eos_token_ids, num_shards=max(1, cfg.shards),
         )
         self._ids = itertools.count()
         self.steps = 0
 
-    def _make_executor(self):
-        cfg = self.config.engine
-        if cfg.shards == 0:
-            return Worker(self.loaded, cfg.num_blocks, cfg.block_size)
-        from longbow.services.shards.group import ShardGroup  # Ray only when shards are asked for
-
-        return ShardGroup(self.config, self.loaded.args, cfg.shards)
-
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self._validate(request)
-        self.worker.add_request(request.id, request.params)
+        if request.params.seed is None:  # every request samples from its own seeded stream
+            request = Request(request.id, request.token_ids,
+                              dataclasses.replace(request.params, seed=secrets.randbits(63)))
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> TokenEvent:
-        event = self.scheduler.abort(request_id)  # raises UnknownRequestError
-        self.worker.release(request_id)
-        return event
+        return self.scheduler.abort(request_id)  # raises UnknownRequestError; the executor hears next step
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -104,19 +114,15 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.plan()
         if not plan.chunks:
             return []
         try:
-            result = self.worker.execute(plan)
+            result = self.executor.execute(plan)
         except EngineError as exc:
             return self._fail_running(exc)
-        events = self.scheduler.update(plan, result)
-        for event in events:
-            if event.finished:
-                self.worker.release(event.id)
         self.steps += 1
-        return events
+        return self.scheduler.update(plan, result)
 
     def _fail_running(self, error: EngineError) -> list[TokenEvent]:
         """A lost shard lost the KV of every running request: fail those (retriable), keep the queue."""
@@ -124,15 +130,12 @@ class LLMEngine:
         events = []
         for seq in list(self.scheduler.running):
             self.scheduler.abort(seq.request_id)
-            self.worker.release(seq.request_id)
             events.append(TokenEvent(seq.request_id, None, finished=True, reason=FinishReason.ERROR, error=str(error)))
-        if hasattr(self.worker, "recover"):
-            self.worker.recover()
+        self.executor.recover()
         return events
 
     def shutdown(self) -> None:
-        if hasattr(self.worker, "shutdown"):
-            self.worker.shutdown()
+        self.executor.shutdown()
 
     # ---- conveniences --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
@@ -158,11 +161,8 @@ class LLMEngine:
         stats = {
             "waiting": len(s.waiting), "running": len(s.running), "steps": self.steps,
             "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.pool.num_blocks,
-            "preemptions": s.num_preemptions,
+            "preemptions": s.num_preemptions, "executor": self.executor.stats(),
         }
-        if hasattr(self.worker, "stats"):  # the Ray shard group: per-shard counters
-            stats["shards"] = self.worker.stats()
-            stats["shard_recoveries"] = self.worker.recoveries
         return stats
 
     def _validate(self, request: Request) -> None:

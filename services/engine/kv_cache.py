@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,9 +53,22 @@ class Segment:
     rows: slice  # rows of the step's flattened token batch
     kv_slots: torch.Tensor  # [Tk]
     want_attention: bool = False
+    host_kv_slots: np.ndarray | None = None  # [Tk] the same slots on the host, when the runner has them
+    in_order: bool = False  # the keys are positions 0..Tk-1 in list order (no edits, one shard)
     # Filled by prepare(), shared by all layers:
     kv_range: slice | None = None  # the slots as a slice when contiguous: gather becomes a view
     visible: torch.Tensor | None = None  # [Tq, Tk] causal mask; None when every key is visible
+    batched: bool = False  # attended in the step's batched decode call
+
+
+@dataclass
+class DecodeBatch:
+    """Decode rows (one query each, every listed key visible) attended together in one call per layer:
+    their KV gathered into [B, L] (padded, `valid` marks real keys)."""
+
+    rows: torch.Tensor  # [B] rows of the step batch
+    index: torch.Tensor  # [B, L] local slots (padding: slot 0)
+    valid: torch.Tensor | None  # [B, 1, 1, L] bool; None when every row has L keys
 
 
 @dataclass
@@ -63,10 +77,16 @@ class LocalStepMeta:
     positions: torch.Tensor  # [T]
     segments: list[Segment]
     attention_rows: dict[str, torch.Tensor]  # filled at the last layer: request id -> [Tk] probs
+    decode_batch: DecodeBatch | None = None
 
 
 class LocalPagedAttention(AttentionBackend):
-    """All KV on this device. Writes new K/V into their slots, then attends per request."""
+    """All KV on this device. Writes new K/V into their slots, then attends: decode rows together in one
+    call per layer (when batching them measured faster), prefill chunks one call each."""
+
+    # NOTE: batching decodes pads every row to the longest KV; past 2x padding overhead the per-request
+    # calls on views of contiguous KV win on this CPU, so mixed lengths fall back.
+    max_padding_ratio = 2.0
 
     def __init__(self, cache: PagedKVCache, n_layers: int):
         self.cache, self.last_layer = cache, n_layers - 1
@@ -74,13 +94,42 @@ class LocalPagedAttention(AttentionBackend):
     def prepare(self, meta: LocalStepMeta) -> None:
         """Once per step: store positions, and per request the causal mask and slot range all layers share."""
         self.cache.positions[meta.slots] = meta.positions
+        decodes = []
         for seg in meta.segments:
-            seg.kv_range = _as_range(seg.kv_slots)
+            n_rows, n_keys = seg.rows.stop - seg.rows.start, int(seg.kv_slots.numel())
+            seg.kv_range = _as_range(seg.host_kv_slots) if seg.host_kv_slots is not None else _as_range_device(seg.kv_slots)
+            if seg.in_order:
+                # Keys are positions 0..Tk-1 in list order: the chunk's rows are its last positions,
+                # so a single row (decode) sees every key and a chunk needs the lower-right causal mask.
+                if n_rows > 1:
+                    key_pos = torch.arange(n_keys, device=meta.positions.device)
+                    seg.visible = key_pos.unsqueeze(0) <= meta.positions[seg.rows].unsqueeze(1)  # [Tq, Tk]
+                elif n_rows == 1 and n_keys:
+                    decodes.append(seg)
+                continue
             q_pos, k_pos = meta.positions[seg.rows], self.cache.positions[seg.kv_slots]
             # NOTE: a boolean mask sends SDPA down its slow general path (~18% of a step when it was
             # built per layer); decode rows see every cached key, so they need none.
             if q_pos.numel() and k_pos.numel() and int(k_pos.max()) > int(q_pos.min()):
                 seg.visible = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [Tq, Tk]
+        meta.decode_batch = self._decode_batch(decodes, meta.positions.device)
+
+    def _decode_batch(self, decodes: list[Segment], device) -> DecodeBatch | None:
+        if len(decodes) < 2 or any(seg.host_kv_slots is None for seg in decodes):
+            return None
+        lengths = np.array([len(seg.host_kv_slots) for seg in decodes])
+        longest = int(lengths.max())
+        if longest * len(decodes) > self.max_padding_ratio * lengths.sum():
+            return None
+        index = np.zeros((len(decodes), longest), dtype=np.int64)
+        for i, seg in enumerate(decodes):
+            index[i, :lengths[i]] = seg.host_kv_slots
+            seg.batched = True
+        valid = None
+        if (lengths != longest).any():
+            valid = torch.from_numpy(np.arange(longest)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
+        rows = torch.tensor([seg.rows.start for seg in decodes], dtype=torch.int64, device=device)
+        return DecodeBatch(rows, torch.from_numpy(index).to(device), valid)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: LocalStepMeta) -> None:
         """Write the step's new K/V [T, Hkv, D] into their slots."""
@@ -91,31 +140,48 @@ class LocalPagedAttention(AttentionBackend):
         cache = self.cache
         self.store(layer, k, v, meta)
         out = torch.empty_like(q)  # [T, Hq, D]
+        batch = meta.decode_batch
+        if batch is not None:
+            keys, values = cache.k[layer][batch.index], cache.v[layer][batch.index]  # [B, L, Hkv, D]
+            out[batch.rows] = F.scaled_dot_product_attention(
+                q[batch.rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),  # [B, H, 1|L, D]
+                attn_mask=batch.valid, enable_gqa=True,
+            ).squeeze(2)
         for seg in meta.segments:
+            want_row = seg.want_attention and layer == self.last_layer
+            if seg.batched and not want_row:
+                continue
             where = seg.kv_range if seg.kv_range is not None else seg.kv_slots
             keys, values = cache.k[layer, where], cache.v[layer, where]  # [Tk, Hkv, D]
-            # NOTE: torch's SDPA with enable_gqa keeps KV heads unexpanded; on this CPU it measured
-            # 1.6-2x faster than ringattn's einsum block_attention for 256-512-token chunks and no
-            # slower for decode. lse is not needed when all KV is local.
-            out[seg.rows] = F.scaled_dot_product_attention(
-                q[seg.rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                attn_mask=seg.visible, enable_gqa=True,
-            ).transpose(0, 1)
-            if seg.want_attention and layer == self.last_layer:
-                last_visible = seg.visible[-1] if seg.visible is not None else torch.ones(keys.shape[0], dtype=torch.bool)
+            if not seg.batched:
+                # NOTE: torch's SDPA with enable_gqa keeps KV heads unexpanded; on this CPU it measured
+                # 1.6-2x faster than ringattn's einsum block_attention for 256-512-token chunks and no
+                # slower for decode. lse is not needed when all KV is local.
+                out[seg.rows] = F.scaled_dot_product_attention(
+                    q[seg.rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                    attn_mask=seg.visible, enable_gqa=True,
+                ).transpose(0, 1)
+            if want_row:
+                last_visible = seg.visible[-1] if seg.visible is not None else torch.ones(
+                    keys.shape[0], dtype=torch.bool, device=keys.device)
                 meta.attention_rows[seg.request_id] = _last_row_attention(q[seg.rows][-1], keys, last_visible)
         return out
 
 
-def _as_range(slots: torch.Tensor) -> slice | None:
+def _as_range(slots: np.ndarray) -> slice | None:
     """slots as a slice when they are consecutive (blocks allocated back to back), else None."""
-    n = slots.numel()
+    n = len(slots)
     if n == 0:
         return None
     first, last = int(slots[0]), int(slots[-1])
-    if last - first + 1 == n and bool((slots[1:] - slots[:-1] == 1).all()):
+    if last - first + 1 == n and bool((np.diff(slots) == 1).all()):
         return slice(first, last + 1)
     return None
+
+
+def _as_range_device(slots: torch.Tensor) -> slice | None:
+    """The same for a device tensor (backends built without host copies)."""
+    return _as_range(slots.cpu().numpy()) if slots.numel() else None
 
 
 def _last_row_attention(q_row: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

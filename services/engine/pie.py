@@ -56,7 +56,7 @@ class DocumentKV:
     @classmethod
     def for_engine(cls, engine, chunk_tokens: int | None = None) -> "DocumentKV":
         cfg = engine.config.engine
-        return cls(engine.worker, engine.scheduler.pool, cfg.block_size, chunk_tokens or cfg.token_budget)
+        return cls(engine.executor, engine.scheduler.pool, cfg.block_size, chunk_tokens or engine.scheduler.token_budget)
 
     # ---- whole-document encoding ---------------------------------------------------------------
     def encode(self, token_ids: list[int]) -> UpdateStats:

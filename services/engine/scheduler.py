@@ -121,6 +121,9 @@ class Scheduler:
         self.sequences: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self._arrivals = 0
+        # What the executor has not been told yet; handed over with the next plan that has chunks.
+        self._unannounced: dict[str, SamplingParams] = {}
+        self._finished_since_plan: list[str] = []
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -128,6 +131,17 @@ class Scheduler:
         self._arrivals += 1
         self.sequences[request.id] = seq
         self.waiting.append(seq)
+        self._unannounced[request.id] = request.params
+
+    def plan(self) -> StepPlan:
+        """`schedule()`, plus the sampling parameters and endings the executor has not seen yet."""
+        plan = self.schedule()
+        if not plan.chunks:
+            return plan
+        plan.new_requests.update(self._unannounced)
+        plan.finished.extend(self._finished_since_plan)
+        self._unannounced, self._finished_since_plan = {}, []
+        return plan
 
     def abort(self, request_id: str) -> TokenEvent:
         seq = self.sequences.get(request_id)
@@ -213,6 +227,8 @@ class Scheduler:
         self.pool.release(seq.blocks)
         seq.blocks, seq.status = [], Status.FINISHED
         del self.sequences[seq.request_id]
+        if self._unannounced.pop(seq.request_id, None) is None:  # the executor knows it: tell it it ended
+            self._finished_since_plan.append(seq.request_id)
 
     def _admit(self, seq: Sequence) -> bool:
         """Move the head of the queue to running if KV for its whole remaining prompt fits."""

@@ -102,8 +102,14 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """One forward pass. Sampling parameters travel once: in the first plan after a request arrives
+    (`new_requests`, seed always set), and its id in `finished` of the first plan after it ends, so the
+    executor keeps per-request sampling state without a second registry to keep in sync."""
+
     chunks: list[ScheduledChunk]
     preempted: list[str] = field(default_factory=list)
+    new_requests: dict[str, SamplingParams] = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)  # finished or aborted since the previous plan
 
     @property
     def num_tokens(self) -> int:

@@ -1,16 +1,21 @@
 """Executing StepPlans: a ModelRunner computes a forward pass over the tokens one shard holds; the
-Sampler (on the driver) turns the logits of sampling positions into tokens.
+StepSampler turns the logits of sampling positions into tokens, batched on the logits' device.
 
-scheduler -> workers: `StepPlan`; workers -> scheduler: `StepResult` as plain Python values. With one
-shard (the in-process `Worker`) runner and sampler sit together; the Ray shard group runs one runner per
-actor and samples on the driver, so seeded generators live in one place whatever shard holds a token.
+scheduler -> executor: `StepPlan`; executor -> scheduler: `StepResult` as plain Python values. With one
+shard (the in-process `Worker`) runner and sampler sit together and the logits never leave the device;
+the Ray shard group runs one runner per actor and samples on the driver (services/shards/group.py).
+
+A step's inputs are built on the host in one vectorised pass (numpy, no per-token Python) and copied to
+the device in one transfer; the sampled tokens, logprobs and entropies come back in one transfer.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
@@ -53,12 +58,75 @@ class ForwardOutput:
 
 
 @dataclass
-class _ShardBatch:
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)  # local slots on this shard
-    rows: dict[str, slice] = field(default_factory=dict)
-    kv_slots: dict[str, torch.Tensor] = field(default_factory=dict)
+class StepInputs:
+    """One step's tokens on one shard, grouped by chunk (plan order). Host arrays describe the layout;
+    device tensors feed the model. Built by `build_step_inputs`."""
+
+    token_ids: torch.Tensor  # [T] device
+    positions: torch.Tensor  # [T] device
+    slots: torch.Tensor  # [T] device, local slots where each new token's K/V goes
+    kv_slots: torch.Tensor  # [N] device, local slots each chunk may see, chunk by chunk
+    logit_rows: torch.Tensor  # [R] device, rows projected to the vocabulary
+    row_start: np.ndarray  # [B + 1] host: chunk b owns rows row_start[b]:row_start[b + 1]
+    kv_start: np.ndarray  # [B + 1] host: chunk b's keys are kv_slots[kv_start[b]:kv_start[b + 1]]
+    logit_start: np.ndarray  # [B + 1] host: chunk b's logit rows are logit_rows[logit_start[b]:...]
+    host_positions: np.ndarray  # [T] host copy (prompt logprobs, masks)
+    host_kv_slots: list[np.ndarray]  # [B] x [Tk_b] host copies of each chunk's local key slots
+    kv_in_order: np.ndarray  # [B] host bool: the chunk's keys are positions 0..n-1 in list order
+
+
+def build_step_inputs(plan: StepPlan, layout: ShardLayout, shard: int, device: torch.device) -> StepInputs:
+    """Everything the forward pass needs about this shard's part of the step, in one host pass and one
+    host-to-device copy (pinned when the device is CUDA)."""
+    chunks, bs, base = plan.chunks, layout.block_size, shard * layout.slots_per_shard
+    counts = np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks))  # [B]
+    total = int(counts.sum())
+    tokens = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, total)
+    positions = np.fromiter(itertools.chain.from_iterable(c.positions for c in chunks), np.int64, total)
+    slots = np.fromiter(itertools.chain.from_iterable(c.slots for c in chunks), np.int64, total)
+    if layout.num_shards > 1:
+        here = slots // layout.slots_per_shard == shard
+        counts = np.bincount(np.repeat(np.arange(len(chunks)), counts)[here], minlength=len(chunks))
+        tokens, positions, slots = tokens[here], positions[here], slots[here]
+    row_start = np.concatenate(([0], np.cumsum(counts)))
+    kv_lists = [_local_kv_slots(c, layout, shard, bs) - base for c in chunks]
+    kv_start = np.concatenate(([0], np.cumsum([len(k) for k in kv_lists])))
+    logit_lists = [_logit_rows(c, row_start[b], row_start[b + 1], shard) for b, c in enumerate(chunks)]
+    logit_start = np.concatenate(([0], np.cumsum([len(r) for r in logit_lists])))
+    kv_in_order = np.array([c.kv_slots is None and layout.num_shards == 1 for c in chunks], dtype=bool)
+    parts = [tokens, positions, slots - base, *kv_lists, *logit_lists]
+    packed = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    n_kv, n_logits = int(kv_start[-1]), int(logit_start[-1])
+    token_t, position_t, slot_t, kv_t, logit_t = packed.split([len(tokens)] * 3 + [n_kv, n_logits])
+    return StepInputs(token_t, position_t, slot_t, kv_t, logit_t, row_start, kv_start, logit_start,
+                      positions, kv_lists, kv_in_order)
+
+
+def _local_kv_slots(chunk: ScheduledChunk, layout: ShardLayout, shard: int, bs: int) -> np.ndarray:
+    """Global slots [Tk_local] of the chunk's visible KV held on this shard: its first kv_len tokens in
+    block-table order, or its explicit kv_slots (an edited document's tokens sit anywhere)."""
+    if chunk.kv_slots is not None:
+        slots = np.asarray(chunk.kv_slots, dtype=np.int64)
+    else:
+        blocks = np.asarray(chunk.block_table, dtype=np.int64)
+        slots = (blocks[:, None] * bs + np.arange(bs)).reshape(-1)[:chunk.kv_len]  # [kv_len]
+    if layout.num_shards > 1:
+        slots = slots[slots // layout.slots_per_shard == shard]
+    return slots
+
+
+def _logit_rows(chunk: ScheduledChunk, start: int, stop: int, shard: int) -> np.ndarray:
+    # Project to the vocabulary only the rows someone reads: every local row of a scoring request,
+    # else the last row of a sampling chunk, on the shard that holds it.
+    if chunk.prompt_logprobs:
+        return np.arange(start, stop, dtype=np.int64)
+    if chunk.sample and chunk.shard == shard and stop > start:
+        return np.array([stop - 1], dtype=np.int64)
+    return np.empty(0, dtype=np.int64)
 
 
 class ModelRunner:
@@ -73,41 +141,28 @@ class ModelRunner:
         self.backend = make_backend(self.cache)
         self._slot_base = shard * layout.blocks_per_shard * layout.block_size
 
-    def forward(self, plan: StepPlan) -> ForwardOutput:
-        batch = self._select(plan)
-        meta = self._meta(plan, batch)
-        logit_rows, owners = self._logit_rows(plan, batch)
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, StepInputs, LocalStepMeta]:
+        """The forward pass: logits [R, V] fp32 of the step's logit rows (see StepInputs.logit_start)."""
+        inputs = build_step_inputs(plan, self.layout, self.shard, self.device)
+        meta = self._meta(plan, inputs)
         self.backend.prepare(meta)
-        logits = self.model(_ids(batch.tokens, self.device), meta.positions, self.backend, meta,
-                            _ids(logit_rows, self.device))  # [R, V]
-        return self._collect(plan, batch, logits, owners, meta)
+        logits = self.model(inputs.token_ids, inputs.positions, self.backend, meta, inputs.logit_rows)  # [R, V]
+        return logits, inputs, meta
 
-    def _select(self, plan: StepPlan) -> _ShardBatch:
-        """This shard's new tokens of every chunk, and the local slots of every request's KV here."""
-        batch = _ShardBatch()
-        for chunk in plan.chunks:
-            start = len(batch.tokens)
-            for token, pos, slot in zip(chunk.token_ids, chunk.positions, chunk.slots):
-                if self.layout.shard_of_slot(slot) == self.shard:
-                    batch.tokens.append(token)
-                    batch.positions.append(pos)
-                    batch.slots.append(slot - self._slot_base)
-            batch.rows[chunk.request_id] = slice(start, len(batch.tokens))
-            batch.kv_slots[chunk.request_id] = self._local_kv_slots(chunk)
-        return batch
-
-    def _local_kv_slots(self, chunk: ScheduledChunk) -> torch.Tensor:
-        """Local slots [Tk_local] of the request's first kv_len tokens held here, in block-table order
-        (or of the chunk's explicit kv_slots held here)."""
-        if chunk.kv_slots is not None:
-            return self.local_slots(chunk.kv_slots)
-        bs = self.layout.block_size
-        blocks = torch.tensor(chunk.block_table, dtype=torch.int64, device=self.device)  # [B]
-        offsets = torch.arange(bs, device=self.device)
-        positions = torch.arange(len(chunk.block_table), device=self.device).unsqueeze(1) * bs + offsets  # [B, bs]
-        slots = blocks.unsqueeze(1) * bs + offsets - self._slot_base  # [B, bs]
-        here = (blocks // self.layout.blocks_per_shard == self.shard).unsqueeze(1) & (positions < chunk.kv_len)
-        return slots[here]
+    def forward(self, plan: StepPlan) -> ForwardOutput:
+        """The forward pass as plain per-request values (the shard group's and PIE documents' form)."""
+        logits, inputs, meta = self.run(plan)
+        out = ForwardOutput()
+        for b, chunk in enumerate(plan.chunks):
+            rid, mine = chunk.request_id, logits[inputs.logit_start[b]:inputs.logit_start[b + 1]]
+            if chunk.prompt_logprobs and mine.shape[0]:
+                rows = inputs.host_positions[inputs.row_start[b]:inputs.row_start[b + 1]]
+                out.prompt_logprobs[rid] = _prompt_logprobs(chunk, rows.tolist(), mine)
+            if chunk.sample and chunk.shard == self.shard:
+                out.sample_logits[rid] = mine[-1]
+            if rid in meta.attention_rows:
+                out.attention[rid] = _by_position(meta.attention_rows[rid], self.cache, meta, rid)
+        return out
 
     # ---- slot operations for documents kept across edits (services/engine/pie.py) ----------------
     def local_slots(self, slots) -> torch.Tensor:
@@ -135,107 +190,106 @@ class ModelRunner:
         local = self.local_slots(slots)
         return {int(s) + self._slot_base: int(p) for s, p in zip(local.tolist(), self.cache.positions[local].tolist())}
 
-    def _meta(self, plan: StepPlan, batch: _ShardBatch) -> LocalStepMeta:
+    def _meta(self, plan: StepPlan, inputs: StepInputs) -> LocalStepMeta:
+        row, kv = inputs.row_start, inputs.kv_start
         segments = [
-            Segment(c.request_id, batch.rows[c.request_id], batch.kv_slots[c.request_id],
-                    c.return_attention and c.sample and c.shard == self.shard)
-            for c in plan.chunks
+            Segment(c.request_id, slice(int(row[b]), int(row[b + 1])), inputs.kv_slots[kv[b]:kv[b + 1]],
+                    c.return_attention and c.sample and c.shard == self.shard,
+                    host_kv_slots=inputs.host_kv_slots[b], in_order=bool(inputs.kv_in_order[b]))
+            for b, c in enumerate(plan.chunks)
         ]
-        return LocalStepMeta(_ids(batch.slots, self.device), _ids(batch.positions, self.device), segments, {})
-
-    def _logit_rows(self, plan: StepPlan, batch: _ShardBatch) -> tuple[list[int], dict[str, slice]]:
-        # Project to the vocabulary only the rows someone reads: every local row of a scoring request,
-        # else the last row of a sampling chunk, on the shard that holds it.
-        rows: list[int] = []
-        owners: dict[str, slice] = {}
-        for chunk in plan.chunks:
-            local = batch.rows[chunk.request_id]
-            wanted = list(range(local.start, local.stop)) if chunk.prompt_logprobs else []
-            if chunk.sample and chunk.shard == self.shard and not chunk.prompt_logprobs:
-                wanted = [local.stop - 1]
-            owners[chunk.request_id] = slice(len(rows), len(rows) + len(wanted))
-            rows += wanted
-        return rows, owners
-
-    def _collect(self, plan, batch, logits, owners, meta) -> ForwardOutput:
-        out = ForwardOutput()
-        for chunk in plan.chunks:
-            rid, mine = chunk.request_id, logits[owners[chunk.request_id]]
-            if chunk.prompt_logprobs and mine.shape[0]:
-                out.prompt_logprobs[rid] = _prompt_logprobs(chunk, batch.positions[batch.rows[rid]], mine)
-            if chunk.sample and chunk.shard == self.shard:
-                out.sample_logits[rid] = mine[-1]
-            if rid in meta.attention_rows:
-                out.attention[rid] = _by_position(meta.attention_rows[rid], self.cache, meta, rid)
-        return out
+        return LocalStepMeta(inputs.slots, inputs.positions, segments, {})
 
 
-class Sampler:
-    """Sampling parameters and seeded generators of every request; turns logits into StepResults."""
+class StepSampler:
+    """Sampling parameters of every live request (from `StepPlan.new_requests`, forgotten on
+    `StepPlan.finished`) and the batched sampling of a step's logits."""
 
     def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str = "cpu"):
-        self.eos, self.device = set(eos_token_ids), torch.device(device)
+        self.eos, self.device = tuple(eos_token_ids), torch.device(device)
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator] = {}
 
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
-        self.params[request_id] = params
-        self.generators[request_id] = new_generator(params.seed, self.device)
+    def update(self, plan: StepPlan) -> None:
+        for request_id in plan.finished:
+            self.params.pop(request_id, None)
+            self.generators.pop(request_id, None)
+        for request_id, params in plan.new_requests.items():
+            self.params[request_id] = params
+            self.generators[request_id] = new_generator(params.seed, self.device)
 
-    def release(self, request_id: str) -> None:
-        self.params.pop(request_id, None)
-        self.generators.pop(request_id, None)
+    def sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
+               attention: dict[str, list[float]], result: StepResult) -> None:
+        """Sample one token per chunk from logits [len(chunks), V]; results into `result`."""
+        if not chunks:
+            return
+        entropy, logprobs = entropy_and_logprobs(logits)  # [R], [R, V]
+        tokens = []
+        for row, chunk in enumerate(chunks):
+            try:
+                tokens.append(self._draw(chunk, logits[row]))
+            except Exception as exc:  # one request's bad distribution must not fail its batch-mates
+                result.failed[chunk.request_id] = f"sampling failed: {exc}"
+                tokens.append(0)
+        chosen = torch.tensor(tokens, dtype=torch.int64, device=logits.device)
+        picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)  # [R]
+        host = torch.stack([chosen.to(torch.float64), picked.double(), entropy.double()]).cpu().tolist()
+        for row, chunk in enumerate(chunks):
+            if chunk.request_id not in result.failed:
+                result.sampled[chunk.request_id] = SampledToken(
+                    tokens[row], host[1][row], host[2][row], attention.get(chunk.request_id))
 
-    def finish(self, plan: StepPlan, output: ForwardOutput) -> StepResult:
-        result = StepResult()
-        for chunk in plan.chunks:
-            rid = chunk.request_id
-            if rid in output.prompt_logprobs:
-                result.prompt_logprobs[rid] = [lp for _, lp in sorted(output.prompt_logprobs[rid])]
-            if chunk.sample:
-                try:
-                    result.sampled[rid] = self._sample(chunk, output.sample_logits[rid].to(self.device),
-                                                       output.attention.get(rid))
-                except Exception as exc:  # one request's bad distribution must not fail its batch-mates
-                    result.failed[rid] = f"sampling failed: {exc}"
-        return result
-
-    def _sample(self, chunk: ScheduledChunk, logits: torch.Tensor, attention) -> SampledToken:
+    def _draw(self, chunk: ScheduledChunk, logits: torch.Tensor) -> int:
         params = self.params[chunk.request_id]
         banned = ()
         if chunk.num_generated < params.min_tokens:
-            banned = tuple(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos))
-        entropy, logprobs = entropy_and_logprobs(logits.unsqueeze(0))
-        token = sample_row(logits, params, self.generators[chunk.request_id], banned)
-        return SampledToken(token, float(logprobs[0, token]), float(entropy[0]), attention)
+            banned = tuple(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos)))
+        return sample_row(logits, params, self.generators[chunk.request_id], banned)
+
+    def finish(self, plan: StepPlan, output: ForwardOutput) -> StepResult:
+        """Sample from per-request logits gathered from several shards (the shard group)."""
+        result = StepResult()
+        for chunk in plan.chunks:
+            if chunk.request_id in output.prompt_logprobs:
+                result.prompt_logprobs[chunk.request_id] = [lp for _, lp in sorted(output.prompt_logprobs[chunk.request_id])]
+        sampling = [c for c in plan.chunks if c.sample]
+        if sampling:
+            logits = torch.stack([output.sample_logits[c.request_id].to(self.device) for c in sampling])
+            self.sample(sampling, logits, output.attention, result)
+        return result
 
 
 class Worker:
-    """The in-process executor: one runner holding all KV, and the sampler."""
+    """The in-process executor (see executor.py for the contract): one runner holding all KV, and the
+    sampler, on one device; logits stay there."""
 
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
         self.runner = ModelRunner(loaded, ShardLayout(num_blocks, block_size))
-        self.sampler = Sampler(loaded.args.eos_token_ids, loaded.device)
+        self.sampler = StepSampler(loaded.args.eos_token_ids, loaded.device)
         self.cache = self.runner.cache
-
-    @property
-    def params(self) -> dict[str, SamplingParams]:
-        return self.sampler.params
-
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        return self.sampler.generators
-
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
-        self.sampler.add_request(request_id, params)
-
-    def release(self, request_id: str) -> None:
-        self.sampler.release(request_id)
+        self.steps = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return self.sampler.finish(plan, self.runner.forward(plan))
+        self.sampler.update(plan)
+        logits, inputs, meta = self.runner.run(plan)
+        result = StepResult()
+        sampling_rows, sampling = [], []
+        for b, chunk in enumerate(plan.chunks):
+            first, last = inputs.logit_start[b], inputs.logit_start[b + 1]
+            if chunk.prompt_logprobs and last > first:
+                rows = inputs.host_positions[inputs.row_start[b]:inputs.row_start[b + 1]]
+                pairs = _prompt_logprobs(chunk, rows.tolist(), logits[first:last])
+                result.prompt_logprobs[chunk.request_id] = [lp for _, lp in sorted(pairs)]
+            if chunk.sample:
+                sampling_rows.append(int(last) - 1)
+                sampling.append(chunk)
+        attention = {rid: _by_position(row, self.cache, meta, rid) for rid, row in meta.attention_rows.items()}
+        if sampling:
+            rows = torch.tensor(sampling_rows, dtype=torch.int64, device=logits.device)
+            self.sampler.sample(sampling, logits.index_select(0, rows), attention, result)
+        self.steps += 1
+        return result
 
-    # The same slot interface as the Ray shard group (services/shards/group.py), for PIE documents.
     def forward(self, plan: StepPlan) -> ForwardOutput:
         return self.runner.forward(plan)
 
@@ -251,9 +305,14 @@ class Worker:
     def read_positions(self, slots: list[int]) -> dict[int, int]:
         return self.runner.read_positions(slots)
 
+    def recover(self) -> None:
+        """Nothing to rebuild in process: a failed step leaves the cache usable; its requests are gone."""
 
-def _ids(values: list[int], device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    def stats(self) -> dict:
+        return {"steps": self.steps, "tracked_requests": len(self.sampler.params)}
+
+    def shutdown(self) -> None:
+        pass
 
 
 def _prompt_logprobs(chunk: ScheduledChunk, positions: list[int], logits: torch.Tensor) -> list[tuple[int, float]]:
@@ -263,7 +322,12 @@ def _prompt_logprobs(chunk: ScheduledChunk, positions: list[int], logits: torch.
     if chunk.next_token_id is not None:
         known[chunk.positions[-1] + 1] = chunk.next_token_id
     pairs = [(i, p + 1) for i, p in enumerate(positions) if p + 1 in known]
-    return [(target, float(logprobs[i, known[target]])) for i, target in pairs]
+    if not pairs:
+        return []
+    rows = torch.tensor([i for i, _ in pairs], device=logits.device)
+    targets = torch.tensor([known[t] for _, t in pairs], device=logits.device)
+    values = logprobs[rows, targets].tolist()
+    return [(target, value) for (_, target), value in zip(pairs, values)]
 
 
 def _by_position(probs: torch.Tensor, cache: PagedKVCache, meta: LocalStepMeta, request_id: str) -> list[float]:

@@ -40,7 +40,7 @@ class GatewayMetrics:
         self.queue_depth.set(stats["waiting"])
         self.kv_usage.set(stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"]))
         self.preemptions.set(stats["preemptions"])
-        for shard in stats.get("shards", []):
+        for shard in stats.get("executor", {}).get("shards", []):
             rank = str(shard["rank"])
             self.shard_steps.labels(rank).set(shard["steps"])
             self.shard_step_seconds.labels(rank).set(shard["step_seconds"])

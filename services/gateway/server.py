@@ -82,7 +82,7 @@ def _server_info(config: LongbowConfig, engine: AsyncLLMEngine, implemented: lis
     e = engine.engine
     return server_info_pb2.ServerInfo(
         version=longbow.__version__, model=config.model.name_or_path, max_context_tokens=e.max_model_len,
-        scheduler=config.engine.policy, token_budget=config.engine.token_budget,
+        scheduler=config.engine.policy, token_budget=e.scheduler.token_budget,
         kv_capacity_tokens=config.engine.num_blocks * config.engine.block_size, implemented_services=implemented,
     )
 
@@ -141,10 +141,10 @@ async def _refresh_metrics(generation: GenerationService, period_s: float = 1.0)
 
 async def serve(config: LongbowConfig) -> None:
     """`longbow serve`: load the model, start the engine and the gateway, stop cleanly on SIGTERM."""
-    from longbow.services.engine.engine import LLMEngine
     from longbow.services.engine.weights import load_tokenizer
+    from longbow.services.replica import build_engine
 
-    engine = AsyncLLMEngine(LLMEngine(config))
+    engine = AsyncLLMEngine(build_engine(config))
     tokenizer = load_tokenizer(engine.engine.loaded.checkpoint)
     gateway = await start_gateway(config, engine, tokenizer)
     print(f"longbow: serving {config.model.name_or_path} on {config.gateway.host}:{gateway.port}"

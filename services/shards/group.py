@@ -1,4 +1,4 @@
-"""N shard actors forming one engine replica, with the same interface as the in-process Worker.
+"""N shard actors forming one engine replica: an executor (services/engine/executor.py) like the in-process Worker.
 
 Each step is one `forward` call per shard (gathered together, no per-actor blocking get); the driver
 merges the outputs and samples. A shard that dies fails the step promptly (collectives time out, a dead
@@ -20,8 +20,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from longbow.services.config import LongbowConfig
 from longbow.services.engine.errors import EngineError
 from longbow.services.engine.model import ModelArgs
-from longbow.services.engine.types import SamplingParams, StepPlan, StepResult
-from longbow.services.engine.worker import ForwardOutput, Sampler
+from longbow.services.engine.types import StepPlan, StepResult
+from longbow.services.engine.worker import ForwardOutput, StepSampler
 from longbow.services.shards.worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -43,24 +43,15 @@ class ShardGroup:
             local_cpus = None if cfg.ray_address else max(os.cpu_count() or 1, num_shards * cfg.cpus_per_shard)
             ray.init(address=cfg.ray_address or None, num_cpus=local_cpus, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
-        self.sampler = Sampler(args.eos_token_ids)
+        self.sampler = StepSampler(args.eos_token_ids)
         self.recoveries = 0
         self.actors: list = []
         self._placement = None
         self._start()
 
-    # ---- the Worker interface ------------------------------------------------------------------
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
-        self.sampler.add_request(request_id, params)
-
-    def release(self, request_id: str) -> None:
-        self.sampler.release(request_id)
-
-    @property
-    def params(self):
-        return self.sampler.params
-
+    # ---- the executor contract (services/engine/executor.py) ------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
+        self.sampler.update(plan)
         return self.sampler.finish(plan, self.forward(plan))
 
     # ---- PIE document slots: the same interface as the in-process Worker ------------------------
@@ -90,8 +81,9 @@ class ShardGroup:
         self._start()
         self.recoveries += 1
 
-    def stats(self) -> list[dict]:
-        return self._gather([actor.stats.remote() for actor in self.actors])
+    def stats(self) -> dict:
+        return {"shards": self._gather([actor.stats.remote() for actor in self.actors]),
+                "recoveries": self.recoveries, "tracked_requests": len(self.sampler.params)}
 
     def shutdown(self) -> None:
         if self._owns_ray:

@@ -54,7 +54,7 @@ def test_bad_input_raises_clear_error_and_leaves_nothing_allocated(engine, ids, 
         engine.add_request(Request("bad", ids, params))
     assert not engine.has_unfinished()
     assert engine.stats()["kv_blocks_used"] == 0
-    assert "bad" not in engine.worker.params
+    assert "bad" not in engine.executor.sampler.params
 
 
 def test_duplicate_id_unknown_id_and_full_queue(engine, prompt):
@@ -77,7 +77,10 @@ def test_abort_mid_generation_frees_kv(engine, prompt):
     event = engine.abort("a")
     assert event.reason == FinishReason.ABORT
     assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished()
-    assert "a" not in engine.worker.generators
+    assert "a" in engine.executor.sampler.params  # told with the next plan, not through a side door
+    engine.add_request(Request("b", prompt, SamplingParams(max_tokens=1)))
+    engine.step()
+    assert "a" not in engine.executor.sampler.params and "b" in engine.executor.sampler.params
 
 
 def test_same_seed_same_output_regardless_of_batch(engine, prompt, tokenizer):

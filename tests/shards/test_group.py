@@ -9,6 +9,7 @@ import pytest
 
 from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
 from longbow.services.engine.engine import LLMEngine
+from longbow.services.replica import build_engine
 from longbow.services.engine.errors import PromptTooLongError
 from longbow.services.engine.types import FinishReason, Request, SamplingParams
 
@@ -46,15 +47,15 @@ def prompts(tokenizer):
 @pytest.fixture(scope="module")
 def reference(loaded_model, prompts):
     params = SamplingParams(max_tokens=10, min_tokens=10)
-    return [c.token_ids for c in LLMEngine(_config(0), loaded_model).generate(prompts, params)]
+    return [c.token_ids for c in build_engine(_config(0), loaded_model).generate(prompts, params)]
 
 
 @pytest.mark.parametrize("shards", [2, 3])
 def test_greedy_output_matches_single_process(ray_session, loaded_model, prompts, reference, shards):
-    engine = LLMEngine(_config(shards), loaded_model)
+    engine = build_engine(_config(shards), loaded_model)
     try:
         outputs = engine.generate(prompts, SamplingParams(max_tokens=10, min_tokens=10))
-        stats = engine.worker.stats()
+        stats = engine.executor.stats()["shards"]
     finally:
         engine.shutdown()
     assert [c.token_ids for c in outputs] == reference
@@ -71,9 +72,9 @@ def test_two_shards_hold_a_prompt_one_cannot(ray_session, loaded_model, tokenize
     params = SamplingParams(max_tokens=6, min_tokens=6)
     # 12 blocks of 8 = 96 tokens per shard: too small for 156 tokens on one shard, enough on two
     with pytest.raises(PromptTooLongError):
-        LLMEngine(_config(0, num_blocks=12), loaded_model).add_request(Request("big", ids, params))
-    [expected] = LLMEngine(_config(0, num_blocks=64), loaded_model).generate([ids], params)
-    engine = LLMEngine(_config(2, num_blocks=12, budget=64), loaded_model)
+        build_engine(_config(0, num_blocks=12), loaded_model).add_request(Request("big", ids, params))
+    [expected] = build_engine(_config(0, num_blocks=64), loaded_model).generate([ids], params)
+    engine = build_engine(_config(2, num_blocks=12, budget=64), loaded_model)
     try:
         [served] = engine.generate([ids], params)
     finally:
@@ -84,13 +85,13 @@ def test_two_shards_hold_a_prompt_one_cannot(ray_session, loaded_model, tokenize
 def test_killed_shard_fails_in_flight_request_promptly_and_group_recovers(ray_session, loaded_model, prompts, reference):
     import ray
 
-    engine = LLMEngine(_config(2), loaded_model)
+    engine = build_engine(_config(2), loaded_model)
     try:
         engine.add_request(Request("doomed", prompts[0], SamplingParams(max_tokens=200, min_tokens=200)))
         engine.add_request(Request("queued", prompts[1], SamplingParams(max_tokens=10, min_tokens=10)))
         for _ in range(3):
             engine.step()
-        ray.kill(engine.worker.actors[1], no_restart=True)
+        ray.kill(engine.executor.actors[1], no_restart=True)
         started = time.monotonic()
         events = []
         while not any(e.id == "doomed" and e.finished for e in events):
@@ -99,7 +100,7 @@ def test_killed_shard_fails_in_flight_request_promptly_and_group_recovers(ray_se
         doomed = next(e for e in events if e.id == "doomed" and e.finished)
         assert doomed.reason == FinishReason.ERROR and "shard" in doomed.error
         assert failed_after < 60  # bounded by the collective timeout, never a hang
-        assert engine.worker.recoveries == 1
+        assert engine.executor.recoveries == 1
         [after] = engine.generate([prompts[2]], SamplingParams(max_tokens=10, min_tokens=10))
         assert after.token_ids == reference[2]
         assert engine.stats()["kv_blocks_used"] == 0
@@ -111,7 +112,7 @@ def test_shard_metrics_reach_prometheus(ray_session, loaded_model, prompts):
     from longbow.services.gateway.metrics import GatewayMetrics
     from prometheus_client import generate_latest
 
-    engine = LLMEngine(_config(2), loaded_model)
+    engine = build_engine(_config(2), loaded_model)
     try:
         engine.generate(prompts[:2], SamplingParams(max_tokens=3, min_tokens=3))
         metrics = GatewayMetrics()
@@ -131,4 +132,4 @@ def test_unplaceable_group_is_a_clear_error(ray_session, loaded_model):
     config.engine.cpus_per_shard = 64  # more than the test cluster has
     config.engine.placement_timeout_s = 2
     with pytest.raises(ShardFailureError, match="cannot place 2 shards"):
-        LLMEngine(config, loaded_model)
+        build_engine(config, loaded_model)

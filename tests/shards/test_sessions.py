@@ -8,6 +8,7 @@ import torch
 
 from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
 from longbow.services.engine.engine import LLMEngine
+from longbow.services.replica import build_engine
 from longbow.services.text.sessions import SessionManager, TextEdit
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def _engine(loaded_model, shards: int) -> LLMEngine:
     config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
                            engine=EngineConfig(token_budget=32, block_size=8, num_blocks=64, shards=shards,
                                                collective_timeout_s=30, step_timeout_s=120))
-    return LLMEngine(config, loaded_model)
+    return build_engine(config, loaded_model)
 
 
 def _edited(engine, tokenizer):
