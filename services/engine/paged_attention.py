@@ -1,0 +1,369 @@
+"""One attention call per layer for a whole engine step, over the paged, position-tagged KV cache.
+
+A step holds decodes (one query row) and prefill chunks (many rows) of many sequences. Sequence b owns
+query rows q_start[b]:q_start[b+1] and may see the keys at slots kv_slots[kv_start[b]:kv_start[b+1]], in any
+order: visibility is `key_pos <= query_pos` on the position ids stored per slot, never storage order (after
+a PIE edit storage order is not position order). Three pieces:
+
+- `plan_tiles` (host, once per step, reused by every layer): cuts the step into tiles of (query rows of one
+  sequence, one range of its KV list) as one small int32 table, and splits the KV of long, short-query
+  sequences over several programs (flash-decoding) so a lone decode at 32k keys still fills the GPU.
+- `paged_attention`: the Triton kernel, one launch per layer plus one small merge launch when some tile was
+  split. It reads K/V through the slot list (no gather copy) and never synchronises with the host.
+- `paged_attention_reference`: the same contract in plain torch, per sequence (tests, and the CPU path).
+
+This file imports only torch, triton and the standard library: bench/paged_attention.py loads it by path on
+a bare GPU image where this repository is not installed. Without triton the reference still imports.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference and the planner still work
+    triton = None
+
+# Tile table columns (int32): first query row, query row count, [kv_begin, kv_end) into kv_slots, and the
+# workspace index of the tile's partial result (-1: the tile covers its sequence's whole KV list and
+# writes `out` directly).
+TILE_Q_BEGIN, TILE_Q_ROWS, TILE_KV_BEGIN, TILE_KV_END, TILE_PARTIAL = range(5)
+# Merge table columns (int32): first query row, query row count, first partial, partial count.
+MERGE_Q_BEGIN, MERGE_Q_ROWS, MERGE_FIRST, MERGE_COUNT = range(4)
+
+BLOCK_N = 64  # keys per inner step
+H200_SMS = 132
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The work of one step, shared by all layers. `tiles` and `merges` live on the kernel's device; the
+    ints are host values, so launching from a plan needs no synchronisation."""
+
+    tiles: torch.Tensor  # [num_tiles, 5] int32
+    merges: torch.Tensor  # [num_merges, 4] int32
+    group_size: int  # query heads per KV head the plan was cut for
+    block_m: int  # lanes of one tile: rows_per_tile * group_size, padded to a power of two >= 16
+    rows_per_tile: int
+    num_partials: int  # workspace entries (split tiles)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles.shape[0]
+
+    @property
+    def num_merges(self) -> int:
+        return self.merges.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> TilePlan:
+        return replace(self, tiles=self.tiles.to(device, non_blocking=non_blocking),
+                       merges=self.merges.to(device, non_blocking=non_blocking))
+
+
+def plan_tiles(q_start: torch.Tensor, kv_start: torch.Tensor, *, group_size: int, num_kv_heads: int,
+               split: bool = True, num_sms: int = H200_SMS, min_split_keys: int = 256,
+               capacity: int | None = None) -> TilePlan:
+    """Cut a step into tiles. q_start [B+1], kv_start [B+1]: host (CPU) int tensors, the offsets the step
+    builder already has; the plan comes back on the CPU: move it with `.to(device)` once per step.
+
+    A tile is at most `rows_per_tile` query rows of one sequence; a program handles one tile and one KV head
+    with its `group_size` query heads packed into the rows of tl.dot. When the whole step would give fewer
+    than ~4 programs per SM, sequences that fit one tile (decodes, short chunks) get their KV list split
+    into pieces of >= `min_split_keys` keys, one program each, merged afterwards by log-sum-exp.
+    `capacity` pads the tables to a fixed length (empty tiles do nothing) for CUDA-graph replay, where the
+    grid and workspace must not change between steps."""
+    q_start, kv_start = q_start.to("cpu", torch.int64), kv_start.to("cpu", torch.int64)
+    q_len, kv_len = q_start.diff(), kv_start.diff()  # [B]
+    block_m, rows_per_tile = _tile_height(int(q_len.max()) if q_len.numel() else 0, group_size)
+    q_tiles = (q_len + rows_per_tile - 1) // rows_per_tile  # [B]; 0 for a sequence with no query rows
+    pieces, piece_len = _kv_pieces(q_tiles, kv_len, num_kv_heads, 4 * num_sms if split else 0, min_split_keys)
+
+    per_seq = q_tiles * pieces  # [B] tiles of each sequence
+    seq_first = per_seq.cumsum(0) - per_seq  # [B] index of each sequence's first tile
+    seq = torch.repeat_interleave(torch.arange(q_len.numel()), per_seq)  # [num_tiles]
+    local = torch.arange(seq.numel()) - seq_first[seq]
+    q_tile, piece = local // pieces[seq], local % pieces[seq]
+    q_begin = q_start[seq] + q_tile * rows_per_tile
+    q_rows = torch.clamp(q_len[seq] - q_tile * rows_per_tile, max=rows_per_tile)
+    kv_begin = kv_start[seq] + piece * piece_len[seq]
+    kv_end = torch.minimum(kv_begin + piece_len[seq], kv_start[seq + 1])
+    is_split = pieces[seq] > 1  # [num_tiles]
+    partial = torch.where(is_split, is_split.long().cumsum(0) - 1, -1)  # pieces of a sequence are adjacent
+    tiles = torch.stack([q_begin, q_rows, kv_begin, kv_end, partial], 1)  # [num_tiles, 5]
+    # Longest KV first: programs start roughly in grid order, so the long ones do not straggle at the end.
+    tiles = tiles[torch.argsort(kv_end - kv_begin, descending=True, stable=True)]
+
+    split_seqs = (pieces > 1).nonzero().flatten()
+    merges = torch.stack([q_start[split_seqs], q_len[split_seqs], partial[seq_first[split_seqs]],
+                          pieces[split_seqs]], 1).reshape(-1, 4)  # [num_merges, 4]
+    num_partials = int(is_split.sum())
+    if capacity is not None:
+        if tiles.shape[0] > capacity:
+            raise ValueError(f"step needs {tiles.shape[0]} tiles, capacity is {capacity}")
+        tiles = _pad_rows(tiles, capacity, empty=[0, 0, 0, 0, -1])
+        merges, num_partials = _pad_rows(merges, capacity, empty=[0, 0, 0, 0]), capacity
+    return TilePlan(tiles.to(torch.int32).contiguous(), merges.to(torch.int32).contiguous(), group_size,
+                    block_m, rows_per_tile, num_partials)
+
+
+def _tile_height(max_q_len: int, group_size: int) -> tuple[int, int]:
+    """(block_m, rows_per_tile). tl.dot wants M >= 16 and a power of two: a decode step (1 row x G heads)
+    pads to 16 lanes; prefill tiles take 64 lanes (64 // G rows)."""
+    block_m = max(16, _next_power_of_2(max(max_q_len, 1) * group_size))
+    block_m = min(block_m, max(64, _next_power_of_2(group_size)))
+    return block_m, block_m // group_size
+
+
+def _kv_pieces(q_tiles, kv_len, num_kv_heads: int, target_programs: int, min_split_keys: int):
+    """Per sequence [B]: how many pieces its KV list is split into, and the keys per piece."""
+    pieces, piece_len = torch.ones_like(kv_len), kv_len.clamp(min=1)
+    splittable = (q_tiles == 1) & (kv_len > min_split_keys)
+    if not bool(splittable.any()) or int(q_tiles.sum()) * num_kv_heads >= target_programs:
+        return pieces, piece_len
+    # NOTE: pieces sized so the split sequences together give about `target_programs` programs; never
+    # below min_split_keys, where the merge would cost more than the parallelism gains.
+    keys = int(kv_len[splittable].sum())
+    piece = max(min_split_keys, math.ceil(keys * num_kv_heads / target_programs))
+    piece = math.ceil(piece / BLOCK_N) * BLOCK_N
+    pieces = torch.where(splittable, (kv_len + piece - 1) // piece, pieces)
+    return pieces, torch.where(pieces > 1, piece, piece_len)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_rows(table: torch.Tensor, rows: int, empty: list[int]) -> torch.Tensor:
+    pad = torch.tensor(empty, dtype=table.dtype).expand(rows - table.shape[0], len(empty))
+    return torch.cat([table, pad])
+
+
+def paged_attention(q, k_cache, v_cache, slot_positions, q_positions, q_start, kv_slots, kv_start, scale,
+                    *, max_q_len: int, max_kv_len: int, plan: TilePlan | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per query row over its own sequence's keys with key_pos <= query_pos.
+
+    q [T, Hq, D]; k_cache, v_cache [S, Hkv, D] (this layer, the step's new K/V already stored); slot_positions
+    [S] int; q_positions [T] int; q_start [B+1]; kv_slots [N] int32; kv_start [B+1]; Hq = G * Hkv; D a power
+    of two >= 16. Returns out [T, Hq, D] in q's dtype; a row that sees no key gets zeros; rows outside every
+    sequence are left unwritten. Pass `plan` (plan_tiles, once per step) to launch without touching the
+    host; without it the plan is built here from q_start/kv_start (a host sync, fine for tests).
+    max_q_len / max_kv_len describe the step; the plan carries what the launch needs."""
+    if triton is None:
+        raise RuntimeError("paged_attention needs triton; use paged_attention_reference on this install")
+    num_rows, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    if plan is None:
+        plan = plan_tiles(q_start, kv_start, group_size=group, num_kv_heads=num_kv_heads).to(q.device)
+    if plan.group_size != group or group * num_kv_heads != num_q_heads:
+        raise ValueError(f"plan cut for {plan.group_size} query heads per KV head, step has {num_q_heads}"
+                         f"/{num_kv_heads}")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head dim {head_dim} must be a power of two >= 16")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head) dimension")
+    out = torch.empty_like(q)  # [T, Hq, D]
+    if plan.num_tiles == 0:
+        return out
+    kv_slots = kv_slots if kv_slots.numel() else torch.zeros(1, dtype=torch.int32, device=q.device)
+    # Workspace of split tiles: normalised partial outputs and their log2-sum-exp, one tile's lanes each.
+    partial_out = torch.empty((max(plan.num_partials, 1), num_kv_heads, plan.block_m, head_dim),
+                              dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(partial_out.shape[:3], dtype=torch.float32, device=q.device)
+    fp32 = q.dtype == torch.float32
+    attention_kernel, merge_kernel = _kernels()
+    attention_kernel[(plan.num_tiles, num_kv_heads)](
+        q, k_cache, v_cache, slot_positions, q_positions, kv_slots, plan.tiles, out, partial_out, partial_lse,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1),
+        G=group, D=head_dim, BLOCK_M=plan.block_m, BLOCK_N=BLOCK_N, FP32_DOT=fp32, num_warps=4,
+    )
+    if plan.num_merges:
+        merge_kernel[(plan.num_merges, num_kv_heads)](
+            partial_out, partial_lse, plan.merges, out, out.stride(0), out.stride(1),
+            G=group, D=head_dim, BLOCK_M=plan.block_m, num_warps=4,
+        )
+    return out
+
+
+def _patch_interpreter() -> None:
+    """NOTE: two gaps of triton 3.6's CPU interpreter (TRITON_INTERPRET=1), patched here so the tests run
+    the very kernel source the GPU compiles; compiled kernels never see this:
+    - a loaded scalar is a 1-element array there and becomes a loop bound through int(array), which
+      NumPy >= 2.4 refuses (`range(kv_begin, kv_end, ...)` fails);
+    - bf16 is held as raw uint16 and tl.dot multiplies those integers: widen bf16 operands to fp32 first
+      (exact: bf16 is the top half of an fp32)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "longbow_patched", False):
+        return
+    patch_tensor, builder = interpreter._patch_lang_tensor, interpreter.InterpreterBuilder
+    create_dot = builder.create_dot
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter._patch_lang_tensor, builder.create_dot = patched_tensor, patched_dot
+    interpreter.longbow_patched = True
+
+
+@functools.cache
+def _kernels():
+    """The two kernels, jitted on first use rather than at import: Triton decides at decoration whether a
+    kernel is compiled or interpreted (TRITON_INTERPRET), so a test that sets the flag keeps working even
+    when something imported this module earlier."""
+    if triton.knobs.runtime.interpret:
+        _patch_interpreter()
+    return triton.jit(_paged_attention_kernel), triton.jit(_merge_partials_kernel)
+
+
+def _paged_attention_kernel(
+    Q, K, V, SlotPositions, QPositions, KvSlots, Tiles, Out, PartialOut, PartialLse,
+    scale_log2,  # softmax scale * log2(e): scores live in the exp2 domain
+    stride_q_row, stride_q_head, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+    stride_o_row, stride_o_head,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    # One program: one tile (query rows of one sequence x one range of its KV list) and one KV head.
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    q_begin = tl.load(Tiles + tile * 5 + 0)
+    q_rows = tl.load(Tiles + tile * 5 + 1)
+    kv_begin = tl.load(Tiles + tile * 5 + 2)
+    kv_end = tl.load(Tiles + tile * 5 + 3)
+    partial = tl.load(Tiles + tile * 5 + 4)
+
+    # Lane m of the M dimension is (query row m // G, query head kv_head * G + m % G): the G heads that
+    # share this KV head ride in one tl.dot, so each K/V block is read once per group. Lanes past the
+    # tile's rows (decode: 1 row x G heads in 16 lanes) are masked off.
+    lane = tl.arange(0, BLOCK_M)
+    row = (q_begin + lane // G).to(tl.int64)  # [BLOCK_M]
+    head = kv_head * G + lane % G  # [BLOCK_M]
+    lane_ok = lane // G < q_rows
+    dim = tl.arange(0, D)
+    q = tl.load(Q + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
+                mask=lane_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    q_pos = tl.load(QPositions + row, mask=lane_ok, other=0)  # [BLOCK_M]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(kv_begin, kv_end, BLOCK_N):
+        key = start + tl.arange(0, BLOCK_N)
+        key_ok = key < kv_end
+        slot = tl.load(KvSlots + key, mask=key_ok, other=0).to(tl.int64)  # [BLOCK_N]
+        key_pos = tl.load(SlotPositions + slot, mask=key_ok, other=0)  # [BLOCK_N]
+        k_t = tl.load(K + slot[None, :] * stride_k_slot + kv_head * stride_k_head + dim[:, None],
+                      mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
+        if FP32_DOT:  # NOTE: tl.dot defaults to tf32 for fp32 inputs on GPU (~1e-3): ask for IEEE
+            s = tl.dot(q, k_t, input_precision="ieee")
+        else:
+            s = tl.dot(q, k_t)  # [BLOCK_M, BLOCK_N] fp32
+        visible = (key_pos[None, :] <= q_pos[:, None]) & key_ok[None, :] & lane_ok[:, None]
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A lane that has seen no visible key yet keeps m = -inf; subtract 0 there instead (no NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_v_slot + kv_head * stride_v_head + dim[None, :],
+                    mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        if FP32_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    seen = l_i > 0.0  # a lane with no visible key outputs zeros, lse -inf
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]  # [BLOCK_M, D]
+    direct = lane_ok & (partial < 0)
+    tl.store(Out + row[:, None] * stride_o_row + head[:, None] * stride_o_head + dim[None, :],
+             o.to(Out.dtype.element_ty), mask=direct[:, None])
+    # A split tile writes all its lanes to its workspace entry; the merge reads the same lanes.
+    entry = ((tl.maximum(partial, 0) * num_kv_heads + kv_head) * BLOCK_M + lane).to(tl.int64)
+    is_partial = (lane >= 0) & (partial >= 0)  # [BLOCK_M]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(PartialLse + entry, lse, mask=is_partial)
+    tl.store(PartialOut + entry[:, None] * D + dim[None, :], o, mask=is_partial[:, None])
+
+def _merge_partials_kernel(
+    PartialOut, PartialLse, Merges, Out, stride_o_row, stride_o_head,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # One program: the pieces of one split sequence, one KV head. out = sum_i w_i out_i / sum_i w_i with
+    # w_i = exp2(lse_i - max lse), accumulated online so the piece count needs no bound.
+    job = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    q_begin = tl.load(Merges + job * 4 + 0)
+    q_rows = tl.load(Merges + job * 4 + 1)
+    first = tl.load(Merges + job * 4 + 2)
+    count = tl.load(Merges + job * 4 + 3)
+    lane = tl.arange(0, BLOCK_M)
+    row = (q_begin + lane // G).to(tl.int64)
+    head = kv_head * G + lane % G
+    lane_ok = lane // G < q_rows
+    dim = tl.arange(0, D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for i in range(0, count):
+        entry = (((first + i) * num_kv_heads + kv_head) * BLOCK_M + lane).to(tl.int64)
+        lse = tl.load(PartialLse + entry)  # [BLOCK_M]
+        o = tl.load(PartialOut + entry[:, None] * D + dim[None, :])  # [BLOCK_M, D]
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_i = l_i * alpha + w
+        m_i = m_new
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(Out + row[:, None] * stride_o_row + head[:, None] * stride_o_head + dim[None, :],
+             o.to(Out.dtype.element_ty), mask=lane_ok[:, None])
+
+
+def paged_attention_reference(q, k_cache, v_cache, slot_positions, q_positions, q_start, kv_slots, kv_start,
+                              scale, *, max_q_len: int = 0, max_kv_len: int = 0,
+                              plan: TilePlan | None = None) -> torch.Tensor:
+    """The same contract as paged_attention, per sequence in fp32 torch: gather the sequence's slots, mask
+    by position ids, softmax. Rows that see no key get zeros (as the kernel). `plan` is ignored."""
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros_like(q)  # [T, Hq, D]
+    q_bounds, kv_bounds = q_start.tolist(), kv_start.tolist()
+    for b in range(len(q_bounds) - 1):
+        rows = slice(q_bounds[b], q_bounds[b + 1])
+        slots = kv_slots[kv_bounds[b]:kv_bounds[b + 1]].long()  # [Tk]
+        if rows.stop == rows.start or slots.numel() == 0:
+            continue
+        keys = k_cache[slots].float().repeat_interleave(group, dim=1)  # [Tk, Hq, D]
+        values = v_cache[slots].float().repeat_interleave(group, dim=1)  # [Tk, Hq, D]
+        scores = torch.einsum("qhd,khd->hqk", q[rows].float(), keys) * scale  # [Hq, Tq, Tk]
+        visible = slot_positions[slots].unsqueeze(0) <= q_positions[rows].unsqueeze(1)  # [Tq, Tk]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
+        out[rows] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
