@@ -34,7 +34,7 @@ def hf_model(loaded_model):
 class RunningGateway:
     """A real gateway on 127.0.0.1 (free port), its own asyncio loop on a thread, the real model."""
 
-    def __init__(self, loaded_model, tokenizer, store_url: str = "", **gateway_overrides):
+    def __init__(self, loaded_model, tokenizer, store_url: str = "", sections: dict | None = None, **gateway_overrides):
         import asyncio
         import tempfile
         import threading
@@ -46,7 +46,7 @@ class RunningGateway:
         self._data_dir = tempfile.TemporaryDirectory(prefix="longbow-gw-")
         rag = RagConfig(store_url=store_url, data_dir=self._data_dir.name)
         self.config = LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=256),
-                                    gateway=gateway, rag=rag)
+                                    gateway=gateway, rag=rag, **(sections or {}))  # sections: e.g. code=...
         self.engine = AsyncLLMEngine(LLMEngine(self.config, loaded_model))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -15,6 +15,11 @@ class OutsideWorkspaceError(CodeContextError):
     """A path escapes the workspace root (`..`, an absolute path elsewhere, or a symlink out)."""
 
 
+class NotReadableError(CodeContextError):
+    """The server may not read this file from disk: no configured root covers the workspace (the default),
+    so only files the client sent exist. The fix: send the file, or configure the root on the server."""
+
+
 class UnknownFileError(CodeContextError):
     """The file is neither open in the request nor present in the workspace."""
 

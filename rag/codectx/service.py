@@ -1,6 +1,10 @@
 """The code-context service: one object the gateway (and the CLI) holds. It keeps a workspace and its
 index per root (least recently used dropped beyond `max_workspaces`), dispatches by language, and runs
 completions with error rounds. Synchronous: callers on an event loop use asyncio.to_thread.
+
+Secure by default: with no `readable_roots` the service reads no file from disk; a request's workspace
+is what the client sent. A root inside one of `readable_roots` (symlinks resolved) is read from disk;
+any other root is a sent workspace, and needing a file it did not send is NotReadableError.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 
 from longbow.rag.codectx.checking import check_fill
 from longbow.rag.codectx.completion import complete_hole
-from longbow.rag.codectx.errors import MalformedRequestError, OutsideWorkspaceError, UnsupportedLanguageError
+from longbow.rag.codectx.errors import MalformedRequestError, UnsupportedLanguageError
 from longbow.rag.codectx.packing import TokenCounter, approximate_tokens
 from longbow.rag.codectx.python.context import python_context
 from longbow.rag.codectx.python.index import PythonIndex
@@ -59,10 +63,10 @@ def language_of(path: str, declared: str = "") -> str:
 
 class CodeContextService:
     def __init__(self, limits: WorkspaceLimits | None = None, count_tokens: TokenCounter = approximate_tokens,
-                 allowed_roots: tuple[str, ...] = (), max_workspaces: int = 8):
+                 readable_roots: tuple[str, ...] = (), max_workspaces: int = 8):
         self.limits = limits or WorkspaceLimits()
         self.count_tokens = count_tokens
-        self.allowed_roots = tuple(Path(r).resolve() for r in allowed_roots)
+        self.readable_roots = tuple(Path(r).expanduser().resolve() for r in readable_roots)
         self.max_workspaces = max_workspaces
         self._states: OrderedDict[str, _WorkspaceState] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -124,9 +128,9 @@ class CodeContextService:
     def _state(self, root: str) -> _WorkspaceState:
         if not root:
             return self._scratch()
-        workspace = Workspace(root, self.limits)  # validates the root before anything is cached
-        self._check_allowed(workspace.root)
-        key = str(workspace.root)
+        readable = self._readable(root)
+        workspace = Workspace(root, self.limits, readable=readable)  # validates the root before caching
+        key = ("disk" if readable else "sent", workspace.name)
         with self._states_lock:
             state = self._states.get(key)
             if state is None:
@@ -136,9 +140,13 @@ class CodeContextService:
             self._states.move_to_end(key)
             return state
 
-    def _check_allowed(self, root: Path) -> None:
-        if self.allowed_roots and not any(root == a or a in root.parents for a in self.allowed_roots):
-            raise OutsideWorkspaceError(f"workspace root {root} is not under an allowed root")
+    def _readable(self, root: str) -> bool:
+        """Whether `root` (symlinks resolved) lies inside a configured readable root. Nothing is
+        resolved when none is configured: a client's root must not even be probed on disk."""
+        if not self.readable_roots or not Path(root).is_absolute():
+            return False
+        resolved = Path(root).resolve()
+        return any(resolved == r or r in resolved.parents for r in self.readable_roots)
 
 
 class _Session:
@@ -167,8 +175,9 @@ class _Session:
 def build_context(workspace_root: str, path: str, line: int, column: int, token_budget: int = 2048,
                   open_files: dict[str, str] | None = None, count_tokens: TokenCounter = approximate_tokens,
                   language: str = "") -> CodeContext:
-    """One-shot context for a hole (the CLI's `longbow context FILE:LINE:COL`)."""
-    service = CodeContextService(count_tokens=count_tokens)
+    """One-shot context for a hole (the CLI's `longbow context FILE:LINE:COL`): the user named the root on
+    their own machine, so it is readable."""
+    service = CodeContextService(count_tokens=count_tokens, readable_roots=(workspace_root,) if workspace_root else ())
     try:
         return service.context(HoleRequest(workspace_root, path, line, column, token_budget, open_files or {},
                                            language))

@@ -1,12 +1,16 @@
 """TypeScript front end: a long-lived Node helper (ts/helper.js, the TypeScript compiler API) answers
 context and check requests as JSON lines. Started lazily, restarted when it dies or stops answering.
 
-Path safety stays here: the helper is told the root, the files to load (listed by `Workspace.stamps`,
-which never follows links out of the root) and the overlays; it reads nothing else but TypeScript's lib.
+Path safety is decided here and enforced twice: the helper is told the root, whether it may read disk
+(a sent workspace may not: it gets a virtual root and only the client's files), the files to load
+(listed by `Workspace.stamps`, which never follows links, and cut to the request's read budget) and the
+overlays; the helper resolves every path it would read, imports included, and reads nothing whose real
+path is outside the root's real path or TypeScript's lib.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import selectors
@@ -42,7 +46,7 @@ class TypeScriptHelper:
         relative = workspace.relative(request.path)
         text = workspace.read(relative)
         holed, offset = insert_sentinel(text, request.line, request.column)
-        result = self.call("context", _payload(workspace, relative, holed), offset=offset)
+        result = self.call("context", _payload(workspace, relative, holed), offset=offset, timeout_s=_timeout(workspace))
         expected = ExpectedType(result["expected_type"], result["source"])
         context = CodeContext("typescript", relative, request.line, request.column, expected)
         context.bindings = [_item(b) for b in result["bindings"]]
@@ -54,13 +58,13 @@ class TypeScriptHelper:
         return context
 
     def check(self, workspace: Workspace, relative: str, text: str) -> list[Diagnostic]:
-        result = self.call("check", _payload(workspace, relative, text))
+        result = self.call("check", _payload(workspace, relative, text), timeout_s=_timeout(workspace))
         return [Diagnostic(d["message"], d["line"], d["column"], d["severity"]) for d in result]
 
-    def call(self, op: str, payload: dict | None = None, **fields) -> object:
+    def call(self, op: str, payload: dict | None = None, timeout_s: float = REPLY_TIMEOUT_S, **fields) -> object:
         message = {"id": next(self._ids), "op": op, **(payload or {}), **fields}
         with self._lock:
-            reply = self._exchange(message)
+            reply = self._exchange(message, timeout_s)
         if not reply.get("ok"):
             raise CodeContextError(f"typescript helper: {reply.get('error', 'no reply')[:500]}")
         return reply["result"]
@@ -69,12 +73,12 @@ class TypeScriptHelper:
         with self._lock:
             self._stop()
 
-    def _exchange(self, message: dict) -> dict:
+    def _exchange(self, message: dict, timeout_s: float) -> dict:
         process = self._running()
         try:
             process.stdin.write(json.dumps(message) + "\n")
             process.stdin.flush()
-            line = _read_line(process, REPLY_TIMEOUT_S)
+            line = _read_line(process, timeout_s)
         except (BrokenPipeError, OSError, TimeoutError) as error:
             self._stop()  # NOTE: a hung or dead helper is replaced on the next call, not waited for
             raise CheckerUnavailableError(f"typescript helper failed: {error}") from None
@@ -112,13 +116,31 @@ def _read_line(process: subprocess.Popen, timeout: float) -> str:
 
 
 def _payload(workspace: Workspace, relative: str, text: str) -> dict:
-    if workspace.root is None:
+    if workspace.name is None:
         raise UnknownFileError("TypeScript context needs a workspace root")
-    files = [[s.path, f"{s.mtime_ns}:{s.size}"] for s in workspace.stamps(TYPESCRIPT_SUFFIXES)
-             if s.path not in workspace.open_files]
+    files = []
+    for stamp in workspace.stamps(TYPESCRIPT_SUFFIXES):  # empty for a sent workspace
+        if stamp.path not in workspace.open_files and workspace.budget.allows(stamp.size):
+            workspace.budget.spend(stamp.size)  # the helper reads these lazily; charge them now
+            files.append([stamp.path, f"{stamp.mtime_ns}:{stamp.size}"])
     overlays = {p: t for p, t in workspace.open_files.items() if p.endswith(TYPESCRIPT_SUFFIXES)}
     overlays[relative] = text
-    return {"root": str(workspace.root), "path": relative, "files": files, "overlays": overlays}
+    return {"root": _helper_root(workspace), "disk": workspace.root is not None, "path": relative, "files": files,
+            "overlays": overlays, "max_file_bytes": workspace.limits.max_file_bytes}
+
+
+def _helper_root(workspace: Workspace) -> str:
+    """The root the helper names files under. A sent workspace gets a virtual directory per name: the
+    helper may not read disk for it, so the directory need not exist (and must not be the client's path)."""
+    if workspace.root is not None:
+        return str(workspace.root)
+    return "/longbow-sent-workspace/" + hashlib.sha256(workspace.name.encode()).hexdigest()[:16]
+
+
+def _timeout(workspace: Workspace) -> float:
+    # NOTE: at least 15 s even when indexing spent the request's time: the helper's first call parses
+    # TypeScript's lib (several seconds on a busy CPU), and a killed helper pays that again.
+    return max(15.0, min(REPLY_TIMEOUT_S, workspace.budget.seconds_left()))
 
 
 def insert_sentinel(text: str, line: int, column: int) -> tuple[str, int]:

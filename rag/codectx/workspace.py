@@ -1,17 +1,29 @@
-"""The files code context may read: one workspace root plus the client's open (possibly unsaved) files.
+"""The files code context may read: one workspace plus the client's open (possibly unsaved) files.
 
-Owns path safety and size limits. Every read goes through `Workspace.read`, which refuses anything that
-resolves outside the root (`..`, absolute paths elsewhere, symlinks out) and files over the size limit.
+Owns path safety and size limits. A workspace is either *sent* (the default: its root is only a name,
+every file is one the client sent with UpdateFiles or a request, and nothing is read from disk) or
+*readable* (its root lies inside a root the operator configured; files are read from disk). Every disk
+read goes through `Workspace.read_disk`, which resolves symlinks and refuses anything outside the root
+(`..`, absolute paths elsewhere, symlinks out), files over the size limit, and reads beyond what one
+request may spend (files, bytes, time: `ReadBudget`).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from longbow.rag.codectx.errors import LimitError, MalformedRequestError, OutsideWorkspaceError, UnknownFileError
+from longbow.rag.codectx.errors import (
+    LimitError,
+    MalformedRequestError,
+    NotReadableError,
+    OutsideWorkspaceError,
+    UnknownFileError,
+)
 
 SKIPPED_DIRECTORIES = frozenset({"node_modules", "__pycache__", "site-packages", "dist", "build", "venv"})
 
@@ -21,6 +33,29 @@ class WorkspaceLimits:
     max_file_bytes: int = 1_000_000
     max_files: int = 5_000
     max_open_files: int = 200
+    # Per request, disk reads only. NOTE: the index reads what the budget allows and catches up on later
+    # requests (files it skipped keep no stamp), so a huge tree degrades the first answers, never blocks.
+    max_read_files: int = 2_000
+    max_read_bytes: int = 32_000_000
+    max_request_s: float = 10.0
+
+
+class ReadBudget:
+    """What one request may still read from disk: files, bytes and wall time."""
+
+    def __init__(self, limits: WorkspaceLimits):
+        self.files, self.bytes = limits.max_read_files, limits.max_read_bytes
+        self.deadline = time.monotonic() + limits.max_request_s
+
+    def allows(self, size: int) -> bool:
+        return self.files > 0 and size <= self.bytes and time.monotonic() < self.deadline
+
+    def spend(self, size: int) -> None:
+        self.files -= 1
+        self.bytes -= size
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -33,11 +68,16 @@ class FileStamp:
 
 
 class Workspace:
-    """A root directory (may be None: open files only) and overlays of open files keyed by relative path."""
+    """A named root and overlays of open files keyed by relative path. `root` is the directory read from
+    disk, None when the workspace is sent (`readable=False`) or has no root at all (open files only);
+    `name` is the root as the client named it, normalized (None without a root)."""
 
-    def __init__(self, root: str | os.PathLike | None, limits: WorkspaceLimits | None = None):
+    def __init__(self, root: str | os.PathLike | None, limits: WorkspaceLimits | None = None, *,
+                 readable: bool = True):
         self.limits = limits or WorkspaceLimits()
-        self.root = _checked_root(root) if root else None
+        self.root = _checked_root(root) if root and readable else None
+        self.name = str(self.root) if self.root else (_root_name(root) if root else None)
+        self.budget = ReadBudget(self.limits)
         self.pinned_files: dict[str, str] = {}  # sent by UpdateFiles; kept until deleted
         self.request_files: dict[str, str] = {}  # sent with the current request; override pinned ones
         self.deleted: set[str] = set()  # deleted by UpdateFiles: hidden even if still on disk
@@ -48,8 +88,10 @@ class Workspace:
 
     def set_request_files(self, files: dict[str, str]) -> None:
         self.request_files = self._checked_files(files)
+        self.budget = ReadBudget(self.limits)  # each request starts with a fresh read budget
 
     def pin_files(self, files: dict[str, str], deleted: list[str] = ()) -> None:
+        self.budget = ReadBudget(self.limits)
         checked = self._checked_files(files)
         gone = {self.relative(path) for path in deleted}
         if len(self.pinned_files.keys() | checked.keys()) > self.limits.max_files:
@@ -73,8 +115,10 @@ class Workspace:
             raise MalformedRequestError(f"invalid path {path!r}")
         pure = PurePosixPath(path.replace("\\", "/"))
         if pure.is_absolute():
-            if self.root is None:
+            if self.name is None:
                 raise MalformedRequestError(f"absolute path {path!r} without a workspace root")
+            if self.root is None:
+                return self._inside_name(pure)
             return self._inside_root(Path(path))
         if ".." in pure.parts:
             raise OutsideWorkspaceError(f"path {path!r} contains '..'")
@@ -89,13 +133,25 @@ class Workspace:
         return self.read_disk(relative)
 
     def read_disk(self, relative: str) -> str:
-        """The saved version of a file, ignoring open files."""
-        if self.root is None or relative in self.deleted:
+        """The saved version of a file, ignoring open files. Resolves symlinks and re-checks the result
+        here, at the one place that opens files, whatever the caller checked before."""
+        if relative in self.deleted or self.name is None:
             raise UnknownFileError(f"{relative} is not among the open files")
-        absolute = self.root / relative
+        if self.root is None:
+            raise NotReadableError(
+                f"{relative} was not sent and this server reads no files from disk for {self.name}: send it "
+                "with UpdateFiles or the request's open files, or have the operator add the root to "
+                "LONGBOW_CODE_ROOTS")
+        absolute = self.root / self._inside_root(self.root / relative)
         if not absolute.is_file():
             raise UnknownFileError(f"{relative} does not exist in the workspace")
-        self._check_size(relative, absolute.stat().st_size)
+        size = absolute.stat().st_size
+        self._check_size(relative, size)
+        if not self.budget.allows(size):
+            raise LimitError(f"reading {relative} would exceed this request's read limits "
+                             f"({self.limits.max_read_files} files, {self.limits.max_read_bytes} bytes, "
+                             f"{self.limits.max_request_s} s)")
+        self.budget.spend(size)
         return absolute.read_text(encoding="utf-8", errors="replace")
 
     def exists(self, path: str) -> bool:
@@ -122,6 +178,14 @@ class Workspace:
                 return  # NOTE: a huge tree is indexed partially rather than refused: context degrades, never fails.
             yield stamp
 
+    def _inside_name(self, path: PurePosixPath) -> str:
+        """A sent workspace: absolute paths are compared as text, never looked up on disk."""
+        normalized = PurePosixPath(posixpath.normpath(str(path)))
+        name = PurePosixPath(self.name)
+        if normalized == name or name not in normalized.parents:
+            raise OutsideWorkspaceError(f"{path} is outside the workspace root")
+        return normalized.relative_to(name).as_posix()
+
     def _inside_root(self, path: Path) -> str:
         resolved = path.resolve()
         if resolved != self.root and self.root not in resolved.parents:
@@ -141,6 +205,14 @@ def _checked_root(root: str | os.PathLike) -> Path:
     if not resolved.is_dir():
         raise UnknownFileError(f"workspace root {root!s} is not a directory")
     return resolved
+
+
+def _root_name(root: str | os.PathLike) -> str:
+    """A sent workspace's root: absolute, normalized as text (never resolved: nothing on disk is touched)."""
+    text = os.fspath(root).replace("\\", "/")
+    if "\x00" in text or not PurePosixPath(text).is_absolute():
+        raise MalformedRequestError(f"workspace root {text!r} must be an absolute path")
+    return posixpath.normpath(text)
 
 
 def _walkable(directory: str) -> bool:

@@ -2,8 +2,12 @@
 
 Handlers decode, make one call into `rag.codectx.CodeContextService` on a worker thread (parsing and
 indexing block), and encode. Code-context errors become the gateway's error types here, so the one
-interceptor (errors.py) picks the status code: unknown files NOT_FOUND; bad positions, paths outside
-the root and oversized requests INVALID_ARGUMENT; a type checker that cannot run UNAVAILABLE.
+interceptor (errors.py) picks the status code: unknown files NOT_FOUND; paths outside the root and files
+the server may not read PERMISSION_DENIED; bad positions OUT_OF_RANGE; oversized requests
+INVALID_ARGUMENT; a type checker that cannot run UNAVAILABLE.
+
+The server reads disk only under `code.allowed_roots` (LONGBOW_CODE_ROOTS); by default a workspace is
+what the client sends (UpdateFiles, open files), which is how a remote gateway serves an editor anyway.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ def _gateway_error(error: codectx_errors.CodeContextError) -> Exception:
         return NotFoundError(str(error))
     if isinstance(error, codectx_errors.CheckerUnavailableError):
         return CheckerUnavailableError(str(error))
-    if isinstance(error, (codectx_errors.PositionError, codectx_errors.OutsideWorkspaceError)):
-        return error  # PERMISSION_DENIED / OUT_OF_RANGE (gateway/errors.py)
+    if isinstance(error, (codectx_errors.PositionError, codectx_errors.OutsideWorkspaceError,
+                          codectx_errors.NotReadableError)):
+        return error  # OUT_OF_RANGE / PERMISSION_DENIED (gateway/errors.py)
     if isinstance(error, (codectx_errors.LimitError, codectx_errors.UnsupportedLanguageError,
                           codectx_errors.MalformedRequestError)):
         return InvalidRequestError(str(error))
@@ -120,6 +125,13 @@ def _context_pb(found: CodeContext) -> pb.CodeContextResponse:
         packed_items=[_item_pb(i) for i in found.packed_items])
 
 
+def readable_roots_line(config: CodeContextConfig) -> str:
+    """What `longbow serve` prints, so an operator sees which directories clients can make it read."""
+    if not config.allowed_roots:
+        return "code context reads no files from disk (clients send them; set LONGBOW_CODE_ROOTS to allow roots)"
+    return "code context may read files under: " + ", ".join(config.allowed_roots)
+
+
 def create_servicer(runtime: GatewayRuntime) -> CodeAssistServicer:
     config = runtime.config.code
     tokenizer = runtime.tokenizer
@@ -127,6 +139,7 @@ def create_servicer(runtime: GatewayRuntime) -> CodeAssistServicer:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
-    limits = WorkspaceLimits(config.max_file_bytes, config.max_files, config.max_open_files)
+    limits = WorkspaceLimits(config.max_file_bytes, config.max_files, config.max_open_files,
+                             config.max_read_files, config.max_read_bytes, config.max_request_s)
     service = CodeContextService(limits, count_tokens, tuple(config.allowed_roots), config.max_workspaces)
     return CodeAssistServicer(service, config, runtime.lm)

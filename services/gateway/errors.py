@@ -36,6 +36,7 @@ class NotFoundError(LookupError):
 
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (codectx_errors.OutsideWorkspaceError, grpc.StatusCode.PERMISSION_DENIED),
+    (codectx_errors.NotReadableError, grpc.StatusCode.PERMISSION_DENIED),
     (codectx_errors.PositionError, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownRequestError, grpc.StatusCode.NOT_FOUND),

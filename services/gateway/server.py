@@ -149,6 +149,7 @@ async def serve(config: LongbowConfig) -> None:
     gateway = await start_gateway(config, engine, tokenizer)
     print(f"longbow: serving {config.model.name_or_path} on {config.gateway.host}:{gateway.port}"
           + (f", metrics on :{gateway.metrics_port}/metrics" if gateway.metrics_port else ""), flush=True)
+    print(f"longbow: {code_assist.readable_roots_line(config.code)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,7 +1,12 @@
 """Code-assist RPCs over a real gateway socket: the ChatLSP-shaped calls, UpdateFiles, TypeScript,
-a completion on the real model, and bad inputs that must get clear status codes without harming the server."""
+a completion on the real model, and bad inputs that must get clear status codes without harming the server.
+
+Most tests run against a gateway whose operator made the test's temporary directories readable
+(`code.allowed_roots`); the read-policy tests at the end use the default gateway, which reads no disk."""
 
 from __future__ import annotations
+
+import textwrap
 
 import grpc
 import pytest
@@ -19,8 +24,19 @@ USE = """
 
 
 @pytest.fixture(scope="module")
-def client(gateway):
-    with LongbowClient(gateway.address, timeout_s=600) as client:
+def disk_gateway(loaded_model, tokenizer, tmp_path_factory):
+    from longbow.services.config import CodeContextConfig
+    from tests.conftest import RunningGateway
+
+    code = CodeContextConfig(allowed_roots=[str(tmp_path_factory.getbasetemp())])
+    running = RunningGateway(loaded_model, tokenizer, sections={"code": code})
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def client(disk_gateway):
+    with LongbowClient(disk_gateway.address, timeout_s=600) as client:
         yield client
 
 
@@ -75,7 +91,7 @@ def test_completion_on_the_real_model(client, hole):
 
 @pytest.mark.parametrize("change,code", [
     ({"path": "app/missing.py"}, grpc.StatusCode.NOT_FOUND),
-    ({"root": "/nonexistent/root"}, grpc.StatusCode.NOT_FOUND),
+    ({"root": "/nonexistent/root"}, grpc.StatusCode.PERMISSION_DENIED),  # not readable: a sent workspace
     ({"line": 99}, grpc.StatusCode.OUT_OF_RANGE),
     ({"column": 500}, grpc.StatusCode.OUT_OF_RANGE),
     ({"path": "../outside.py"}, grpc.StatusCode.PERMISSION_DENIED),
@@ -107,13 +123,13 @@ def test_service_is_listed_as_implemented(client):
     assert "longbow.v1.CodeAssist" in client.server_info().implemented_services
 
 
-def test_async_client_calls(gateway, hole):
+def test_async_client_calls(disk_gateway, hole):
     import asyncio
 
     from longbow.services.client.sdk import AsyncLongbowClient
 
     async def calls():
-        async with AsyncLongbowClient(gateway.address, timeout_s=120) as client:
+        async with AsyncLongbowClient(disk_gateway.address, timeout_s=120) as client:
             found = await client.code_context(*_at(hole), token_budget=300)
             headers = await client.relevant_headers(*_at(hole))
             count = await client.update_files(str(hole.root), {"app/extra.py": "class Extra: ...\n"})
@@ -122,3 +138,36 @@ def test_async_client_calls(gateway, hole):
     found, headers, count = asyncio.run(calls())
     assert found.expected_type.text == "User" and found.packed_tokens <= 300
     assert [h.name for h in headers] == ["make"] and count > 0
+
+
+# The default gateway (no code.allowed_roots) reads no disk: the reproductions of issue 16 are refused.
+
+@pytest.fixture(scope="module")
+def default_client(gateway):
+    with LongbowClient(gateway.address, timeout_s=600) as client:
+        yield client
+
+
+def test_default_gateway_refuses_to_read_the_servers_files(default_client, tmp_path):
+    (tmp_path / "settings.py").write_text("class Settings:\n    password: str = 'hunter2'\nx: Settings = \n")
+    calls = [
+        lambda: default_client.code_context("/", str(tmp_path / "settings.py"), 3, 14),
+        lambda: default_client.code_context(str(tmp_path), "settings.py", 3, 14),
+        lambda: default_client.complete_hole("/etc", "passwd", 1, 1, language="python", max_tokens=1),
+        lambda: default_client.error_report("/etc", "passwd", 1, 1, fill="x", language="python"),
+    ]
+    for call in calls:
+        with pytest.raises(LongbowError) as error:
+            call()
+        assert error.value.code == grpc.StatusCode.PERMISSION_DENIED and "LONGBOW_CODE_ROOTS" in error.value.message
+
+
+def test_sent_workspace_end_to_end_without_disk(default_client):
+    root = "/longbow-test/not-on-this-disk"  # the client's root: a name the server never looks up
+    use = textwrap.dedent(USE).lstrip("\n")
+    line = use.split("\n").index("    return <|>") + 1
+    assert default_client.update_files(root, {"app/models.py": MODELS, "app/use.py": use.replace("<|>", "")}) > 0
+    found = default_client.code_context(root, "app/use.py", line, 12, token_budget=200)
+    assert found.expected_type.text == "User" and [d.name for d in found.type_definitions] == ["User", "Role", "Address"]
+    completion = default_client.complete_hole(root, "app/use.py", line, 12, max_tokens=2, error_rounds=0)
+    assert isinstance(completion.fill, str) and completion.context_tokens > 0

@@ -80,6 +80,8 @@ class PythonIndex:
         for stamp in self.workspace.stamps((".py", ".pyi")):
             on_disk.add(stamp.path)
             if self._stamps.get(stamp.path) != (stamp.mtime_ns, stamp.size):
+                if not self.workspace.budget.allows(stamp.size):
+                    continue  # this request's read budget is spent: keep the old summary, read it next time
                 self._disk[stamp.path] = summarize_module(parse_tolerant(self._read_disk(stamp.path)), stamp.path)
                 self._stamps[stamp.path] = (stamp.mtime_ns, stamp.size)
                 changed.add(stamp.path)

@@ -4,8 +4,10 @@
 // ({id, ok, result} or {id, ok: false, error}). The Python side (rag/codectx/typescript.py) owns path
 // safety: it sends the workspace root, the files to load (relative paths with a version each) and the
 // overlays (open files, and the hole's file with the sentinel already in place). This process keeps one
-// LanguageService per root so a changed file re-checks incrementally. It reads only files under the root
-// and TypeScript's own lib files.
+// LanguageService per root so a changed file re-checks incrementally. It enforces the same rule itself:
+// a path is read only if its real path (symlinks resolved) lies under the root's real path or TypeScript's
+// lib, never above max_file_bytes; with disk: false (a workspace the client sent) nothing but the lib is
+// read, and directories exist only where sent files are.
 "use strict";
 
 const fs = require("fs");
@@ -18,45 +20,77 @@ const MAX_CLOSURE = 64;
 const MAX_HEADERS = 8;
 const MAX_BINDINGS = 80;
 const MAX_DECLARATION_LINES = 40;
-const LIB_DIRECTORY = path.dirname(ts.getDefaultLibFilePath({}));
+const LIB_DIRECTORY = fs.realpathSync(path.dirname(ts.getDefaultLibFilePath({})));
 const OPTIONS = {
   strict: true, target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.ESNext,
   moduleResolution: ts.ModuleResolutionKind.Bundler, noEmit: true, skipLibCheck: true, allowJs: false,
 };
 const workspaces = new Map(); // root -> {files: Map(absolute -> {version, text?}), service}
 
-function workspaceFor(root) {
-  let state = workspaces.get(root);
+function workspaceFor(root, disk) {
+  const key = (disk ? "disk:" : "sent:") + root;
+  let state = workspaces.get(key);
   if (!state) {
     const files = new Map();
-    const inside = (file) => file.startsWith(root + path.sep) || file.startsWith(LIB_DIRECTORY + path.sep);
+    const realRoot = disk ? realPath(root) : null;
+    const readable = (file) => {
+      const real = realPath(file);
+      return real !== null && (under(LIB_DIRECTORY, real) || (realRoot !== null && under(realRoot, real)));
+    };
+    const sentDirectory = (directory) => {
+      const prefix = directory.endsWith(path.sep) ? directory : directory + path.sep;
+      for (const file of files.keys()) if (file.startsWith(prefix)) return true;
+      return false;
+    };
+    state = {files, maxFileBytes: 1000000};
     const host = {
       getScriptFileNames: () => [...files.keys()],
       getScriptVersion: (file) => (files.get(file) || {version: "0"}).version,
       getScriptSnapshot: (file) => {
-        const text = readText(files, file, inside);
+        const text = readText(state, file, readable);
         return text === undefined ? undefined : ts.ScriptSnapshot.fromString(text);
       },
       getCurrentDirectory: () => root,
       getCompilationSettings: () => OPTIONS,
       getDefaultLibFileName: (options) => ts.getDefaultLibFilePath(options),
-      fileExists: (file) => files.has(file) || (inside(file) && fs.existsSync(file)),
-      readFile: (file) => readText(files, file, inside),
+      fileExists: (file) => files.has(file) || (readable(file) && isFile(file)),
+      readFile: (file) => readText(state, file, readable),
       readDirectory: () => [],
-      directoryExists: (directory) => inside(directory + path.sep) && fs.existsSync(directory),
+      directoryExists: (directory) => sentDirectory(directory) || readable(directory),
       getDirectories: () => [],
     };
-    state = {files, service: ts.createLanguageService(host, ts.createDocumentRegistry())};
-    workspaces.set(root, state);
+    state.service = ts.createLanguageService(host, ts.createDocumentRegistry());
+    workspaces.set(key, state);
   }
   return state;
 }
 
-function readText(files, file, inside) {
-  const entry = files.get(file);
-  if (entry && entry.text !== undefined) return entry.text;
-  if (!inside(file)) return undefined;
+function realPath(file) {
   try {
+    return fs.realpathSync.native(file);
+  } catch (error) {
+    return null; // missing (or unreadable): neither exists nor may be read
+  }
+}
+
+function under(directory, real) {
+  return real === directory || real.startsWith(directory + path.sep);
+}
+
+function isFile(file) {
+  try {
+    return fs.statSync(file).isFile();
+  } catch (error) {
+    return false;
+  }
+}
+
+function readText(state, file, readable) {
+  const entry = state.files.get(file);
+  if (entry && entry.text !== undefined) return entry.text;
+  if (!readable(file)) return undefined;
+  try {
+    if (fs.statSync(file).size > state.maxFileBytes) return undefined;
     const text = fs.readFileSync(file, "utf8");
     if (entry) entry.text = text;
     return text;
@@ -67,7 +101,8 @@ function readText(files, file, inside) {
 
 // Bring the file set up to date: disk files by version (their text is re-read lazily), overlays by text.
 function sync(request) {
-  const state = workspaceFor(request.root);
+  const state = workspaceFor(request.root, request.disk === true);
+  if (request.max_file_bytes) state.maxFileBytes = request.max_file_bytes;
   const wanted = new Map();
   for (const [relative, version] of request.files) wanted.set(path.join(request.root, relative), {version});
   for (const [relative, text] of Object.entries(request.overlays || {})) {

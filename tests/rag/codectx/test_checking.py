@@ -12,14 +12,14 @@ def test_insert_fill_reports_the_lines_it_occupies():
     assert insert_fill("a\nb = \nc", 2, 5, "1 +\n 2") == ("a\nb = 1 +\n 2\nc", 2, 3)
 
 
-def test_mypy_reports_errors_of_the_fill_only(workspace, tmp_path):
+def test_mypy_reports_errors_of_the_fill_only(workspace, tmp_path, disk_roots):
     hole = workspace({"app/models.py": MODELS, "app/use.py": """
         from app.models import User, Role
         def f(name: str) -> User:
             return <|>
         wrong: int = "pre-existing error, not the fill's"
         """})
-    service = CodeContextService()
+    service = CodeContextService(readable_roots=disk_roots)
     request = HoleRequest(str(hole.root), hole.path, hole.line, hole.column)
     assert service.check(request, "User(name, Role.ADMIN, None)") == []
     diagnostics = service.check(request, "name")

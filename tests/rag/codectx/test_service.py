@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from longbow.rag.codectx.errors import (
+    NotReadableError,
     OutsideWorkspaceError,
     PositionError,
     UnknownFileError,
@@ -15,9 +16,9 @@ from longbow.rag.codectx.service import CodeContextService, HoleRequest
 from .workspaces import MODELS
 
 
-def test_open_file_text_overrides_disk_for_one_request(workspace, tmp_path):
+def test_open_file_text_overrides_disk_for_one_request(workspace, tmp_path, disk_roots):
     workspace({"app/models.py": MODELS, "app/use.py": "x = 1\n"})
-    service = CodeContextService()
+    service = CodeContextService(readable_roots=disk_roots)
     unsaved = "from app.models import User\ndef f() -> User:\n    return \n"
     found = service.context(HoleRequest(str(tmp_path), "app/use.py", 3, 12, open_files={"app/use.py": unsaved}))
     assert found.expected_type.text == "User"
@@ -25,9 +26,9 @@ def test_open_file_text_overrides_disk_for_one_request(workspace, tmp_path):
         service.context(HoleRequest(str(tmp_path), "app/use.py", 3, 12))
 
 
-def test_update_files_changes_definitions_seen_by_later_requests(workspace, tmp_path):
+def test_update_files_changes_definitions_seen_by_later_requests(workspace, tmp_path, disk_roots):
     workspace({"app/models.py": MODELS, "app/use.py": "from app.models import User\ndef f() -> User:\n    return \n"})
-    service = CodeContextService()
+    service = CodeContextService(readable_roots=disk_roots)
     request = HoleRequest(str(tmp_path), "app/use.py", 3, 12)
     assert service.context(request).type_definitions[0].text.startswith("@dataclass\nclass User")
     before = service.update_files(str(tmp_path), {}, [])
@@ -47,17 +48,18 @@ def test_open_files_only_without_root():
         service.context(HoleRequest("", "other.py", 1, 1, open_files=files))
 
 
-def test_allowed_roots_and_languages(tmp_path):
+def test_allowed_roots_and_languages(tmp_path, disk_roots):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.rb").write_text("")
-    service = CodeContextService(allowed_roots=(str(tmp_path / "b"),))
-    with pytest.raises(OutsideWorkspaceError):
+    (tmp_path / "a" / "x.py").write_text("x = 1\n")
+    service = CodeContextService(readable_roots=(str(tmp_path / "b"),))
+    with pytest.raises(NotReadableError):  # a root outside the readable ones is only what the client sent
         service.context(HoleRequest(str(tmp_path / "a"), "x.py", 1, 1))
     with pytest.raises(UnsupportedLanguageError):
-        CodeContextService().context(HoleRequest(str(tmp_path / "a"), "x.rb", 1, 1))
+        CodeContextService(readable_roots=disk_roots).context(HoleRequest(str(tmp_path / "a"), "x.rb", 1, 1))
 
 
-def test_bindings_with_types_locals_first(workspace):
+def test_bindings_with_types_locals_first(workspace, disk_roots):
     hole = workspace({"app/models.py": MODELS, "app/use.py": """
         from app.models import User, Role
         LIMIT: int = 3
@@ -68,7 +70,7 @@ def test_bindings_with_types_locals_first(workspace):
                 pass
             return <|>
         """})
-    found = CodeContextService().context(HoleRequest(str(hole.root), hole.path, hole.line, hole.column))
+    found = CodeContextService(readable_roots=disk_roots).context(HoleRequest(str(hole.root), hole.path, hole.line, hole.column))
     types = {b.name: b.detail for b in found.bindings}
     assert [b.name for b in found.bindings[:5]] == ["user", "role", "n", "total", "item"]  # typed locals first
     assert types["user"] == "User" and types["role"] == "Role" and types["LIMIT"] == "int"

@@ -22,8 +22,8 @@ MODELS_TS = """
 
 
 @pytest.fixture(scope="module")
-def service():
-    service = CodeContextService()
+def service(disk_roots):
+    service = CodeContextService(readable_roots=disk_roots)
     yield service
     service.close()
 
