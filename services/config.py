@@ -62,6 +62,7 @@ class GatewayConfig:
     max_inflight: int = 64  # concurrent generation calls before RESOURCE_EXHAUSTED
     default_max_tokens: int = 128
     max_prompt_chars: int = 1_000_000
+    max_receive_bytes: int = 0  # 0: sized to the largest valid prompt or document (gateway/limits.py), ~5 MB
     # Pods (k8s/, services/gateway/lifecycle.py): drain, readiness, replica-local sessions.
     health_port: int | None = None  # plaintext gRPC health only, for kubelet probes (no TLS, no token); None: off
     shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight streams get this long before UNAVAILABLE

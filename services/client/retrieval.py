@@ -22,7 +22,7 @@ CHUNKERS = {"": pb.CHUNKER_UNSPECIFIED, "fixed": pb.CHUNKER_FIXED, "sentence": p
             "perplexity": pb.CHUNKER_PERPLEXITY, "margin": pb.CHUNKER_MARGIN}
 FLOWS = {"": pb.FLOW_UNSPECIFIED, "none": pb.FLOW_NO_RETRIEVAL, "single": pb.FLOW_SINGLE,
          "fixed_interval": pb.FLOW_FIXED_INTERVAL, "flare": pb.FLOW_FLARE, "dragin": pb.FLOW_DRAGIN}
-_BATCH_BYTES = 16 * 1024 * 1024
+_BATCH_BYTES = 4 * 1024 * 1024  # under the server's default receive limit (~5 MB, gateway/limits.py)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def _option(table: dict, name: str, what: str) -> int:
 
 def ingest_requests(documents: Iterable, chunker: str, target_chunk_tokens: int,
                     batch_documents: int) -> list[pb.IngestRequest]:
-    """The documents as requests of at most batch_documents documents and ~16 MB each."""
+    """The documents as requests of at most batch_documents documents and ~4 MB each (one larger document
+    goes alone)."""
     kind = _option(CHUNKERS, chunker, "chunker")
     requests, batch, size = [], [], 0
     for document in map(_document_pb, documents):

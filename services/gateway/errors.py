@@ -2,6 +2,10 @@
 
 It also turns requests that fail to parse (invalid UTF-8 in a string field, garbage bytes) into
 INVALID_ARGUMENT instead of grpc's default INTERNAL, and checks the bearer token when one is set.
+
+The token is checked from the metadata, before the body is parsed: an unauthenticated request's bytes are
+dropped unparsed, so a peer without the token cannot make the server build large messages. Reflection is
+behind the token like every service; health checking stays open (probes carry no token).
 """
 
 from __future__ import annotations
@@ -72,18 +76,40 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+        if handler is None or details.method.startswith("/grpc.health"):
             return handler
-        authorized = self._authorized(details.invocation_metadata)
         method = details.method
+        if not self._authorized(details.invocation_metadata):
+            return self._refusal(handler, method)
+        if details.method.startswith("/grpc.reflection"):
+            return handler  # a bidirectional stream of its own; authorized above
         deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, authorized), deserialize, handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, method), deserialize, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, authorized), deserialize, handler.response_serializer)
+                self._wrap_stream(handler.unary_stream, method), deserialize, handler.response_serializer)
         return handler  # no client-streaming RPCs in the API
+
+    def _refusal(self, handler, method: str):
+        """A handler of the same shape that parses nothing and answers UNAUTHENTICATED."""
+
+        async def refuse(request, context):
+            await self._abort(context, method, AuthError("missing or invalid bearer token"))
+
+        async def refuse_stream(request, context):
+            await refuse(request, context)
+            yield  # never reached: makes this an async generator, as streaming handlers are
+
+        serialize = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(refuse, _unparsed, serialize)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream, _unparsed, serialize)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(refuse, _unparsed, serialize)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, _unparsed, serialize)
 
     def _authorized(self, metadata) -> bool:
         if not self.auth_token:
@@ -91,10 +117,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         value = dict(metadata or ()).get("authorization", "")
         return hmac.compare_digest(value.encode(), f"Bearer {self.auth_token}".encode())
 
-    def _wrap_unary(self, behavior, method, authorized):
+    def _wrap_unary(self, behavior, method):
         async def call(request, context):
             try:
-                _check(request, authorized)
+                _check(request)
                 response = await behavior(request, context)
             except Exception as exc:
                 await self._abort(context, method, exc)
@@ -103,10 +129,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _wrap_stream(self, behavior, method, authorized):
+    def _wrap_stream(self, behavior, method):
         async def call(request, context):
             try:
-                _check(request, authorized)
+                _check(request)
                 async for response in behavior(request, context):
                     yield response
             except Exception as exc:
@@ -128,11 +154,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(code, message)
 
 
-def _check(request, authorized: bool) -> None:
-    if not authorized:
-        raise AuthError("missing or invalid bearer token")
+def _check(request) -> None:
     if isinstance(request, _Malformed):
         raise InvalidRequestError(f"malformed request: {request.error}")
+
+
+def _unparsed(data: bytes) -> None:
+    return None  # an unauthenticated body: dropped without building a message from it
 
 
 def _tolerant(deserializer):

@@ -2,14 +2,21 @@
 
 No protobuf here (convert.py does that). Bounds the number of calls in flight, records TTFT/TPOT, and
 relies on the engine stream's cleanup so a cancelled or timed-out call frees its KV at once.
+
+Tokenizing (up to `max_prompt_chars`) runs on a small thread pool of its own, never on the event loop:
+a megabyte prompt takes over a second, and every other RPC would wait for it. Engine request ids are
+always the server's (`gw-N`, `score-N`); a client's `request_id` is echoed back and appended for logs
+(`gw-N:client-id`), so no client id can collide with another request's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from longbow.services.config import GatewayConfig
@@ -47,6 +54,13 @@ class GenerationService:
         self.engine, self.tokenizer, self.config, self.metrics = engine, tokenizer, config, metrics
         self._inflight = 0
         self._ids = itertools.count()
+        # NOTE: 2 threads: tokenizing a large prompt is CPU-bound; more threads would only contend with the
+        # engine's own thread for the same cores, and a flood of Tokenize calls queues here, not on the loop.
+        self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="longbow-tokenize")
+
+    async def off_loop(self, function, *args):
+        """Runs CPU-heavy handler work (tokenizing, decoding pieces) on the tokenizer pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, function, *args)
 
     def encode(self, request: GenerationInput) -> list[int]:
         given = [x is not None for x in (request.prompt, request.chat, request.token_ids)]
@@ -64,12 +78,12 @@ class GenerationService:
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[tuple[TextDelta, GenerationResult]]:
         """Yields each text delta with the running result (usage filled as it goes)."""
-        ids = self.encode(request)
-        request_id = request.request_id or f"gw-{next(self._ids)}"
-        result = GenerationResult(request_id, prompt_tokens=len(ids))
+        ids = await self.off_loop(self.encode, request)
+        engine_id = f"gw-{next(self._ids)}" + (f":{request.request_id}" if request.request_id else "")
+        result = GenerationResult(request.request_id or engine_id, prompt_tokens=len(ids))
         with self._slot():
             start = last = time.perf_counter()
-            deltas = stream_text(self.engine, self.tokenizer, Request(request_id, ids, request.params), request.stop)
+            deltas = stream_text(self.engine, self.tokenizer, Request(engine_id, ids, request.params), request.stop)
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     now = time.perf_counter()
@@ -87,7 +101,7 @@ class GenerationService:
         return result
 
     async def score(self, text: str | None, token_ids: list[int] | None) -> tuple[list[int], list[float]]:
-        ids = self.encode(GenerationInput(prompt=text, token_ids=token_ids))
+        ids = await self.off_loop(self.encode, GenerationInput(prompt=text, token_ids=token_ids))
         if len(ids) < 2:
             raise InvalidRequestError("scoring needs at least two tokens")
         params = SamplingParams(max_tokens=0, prompt_logprobs=True)
@@ -95,8 +109,11 @@ class GenerationService:
             completion = await self.engine.generate(Request(f"score-{next(self._ids)}", ids, params))
         return ids, completion.prompt_logprobs or []
 
-    def tokenize(self, text: str, chat: bool) -> tuple[list[int], list[str]]:
+    async def tokenize(self, text: str, chat: bool) -> tuple[list[int], list[str]]:
         self._check_size(len(text))
+        return await self.off_loop(self._tokenize, text, chat)
+
+    def _tokenize(self, text: str, chat: bool) -> tuple[list[int], list[str]]:
         ids = encode_chat(self.tokenizer, [{"role": "user", "content": text}]) if chat else self.tokenizer(text).input_ids
         return ids, [self.tokenizer.decode([i]) for i in ids]
 

@@ -36,7 +36,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return gen_pb.ScoreResponse(token_ids=token_ids, logprobs=logprobs)
 
     async def Tokenize(self, request, context):
-        ids, pieces = self.service.tokenize(request.text, request.chat)
+        ids, pieces = await self.service.tokenize(request.text, request.chat)
         return gen_pb.TokenizeResponse(token_ids=ids, pieces=pieces)
 
 

@@ -32,6 +32,7 @@ from longbow.services.engine.engine import AsyncLLMEngine
 from longbow.services.gateway import code_assist, handlers, retrieval, sessions
 from longbow.services.gateway.errors import ErrorInterceptor
 from longbow.services.gateway.generation import GenerationService
+from longbow.services.gateway.limits import receive_limit_bytes
 from longbow.services.gateway.metrics import GatewayMetrics
 from longbow.services.gateway.runtime import GatewayRuntime
 
@@ -92,7 +93,8 @@ async def start_gateway(config: LongbowConfig, engine: AsyncLLMEngine, tokenizer
     gw = config.gateway
     metrics = GatewayMetrics()
     interceptor = ErrorInterceptor(gw.auth_token, metrics.record_status)
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    options = [("grpc.max_receive_message_length", receive_limit_bytes(config)),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     generation = GenerationService(engine, tokenizer, gw, metrics)
     runtime = GatewayRuntime(config, engine, tokenizer, metrics, asyncio.get_running_loop())
