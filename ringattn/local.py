@@ -10,17 +10,36 @@ TILE_SCORES); tiles whose keys all lie after every query are skipped and tiles w
 before every query run without a mask. This works for any position layout: contiguous and zigzag
 shards skip about half of a diagonal block, a random permutation skips nothing and stays exact.
 `computed_pairs` counts the (query, key) pairs that are actually computed, which is what the cost model charges as FLOPs.
+
+Fast path: when the visible pairs of a block are whole rectangles or square causal diagonals (every key
+before every query, or q and k holding runs of consecutive positions, as contiguous and zigzag shards
+do), those pieces go to torch's flash-class kernels, which return the log-sum-exp too, and are merged
+exactly like ring hops. Callers that know the shape of the mask say so with `mask=` and skip the
+inspection (a host sync on CUDA); anything else (PIE-moved keys, ragged sequence ids) takes the exact
+tiled path above.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from longbow.ringattn.merge import merge_partials
+
+log = logging.getLogger(__name__)
+
+# What the caller knows about the mask between a query block and a key block:
+# "full": every key is visible to every query (non-causal, or every key position <= every query position);
+# "causal_diagonal": q and k hold the same run of consecutive positions (key_pos <= query_pos is
+#   j <= i, i.e. a square causal block);
+# "positions": arbitrary positions, always the exact path;
+# None: inspect the positions (one host sync on CUDA) and take the fast path where it applies.
+MaskKind = Literal["full", "causal_diagonal", "positions"]
 
 # NOTE: 2**22 fp32 scores per tile keeps one tile's scratch (scores + probabilities) near 32 MiB, so a
 # 16k x 16k block with 9 heads runs on a laptop; on CPU the tile size barely moves the FLOP rate.
@@ -100,6 +119,145 @@ def _rows_per_tile(heads_q: int, t_k: int) -> int:
     return max(1, TILE_SCORES // max(1, heads_q * t_k))
 
 
+# NOTE: measured on the shared 2-core CPU (torch 2.13, 9 q / 3 KV heads, d 64, fp32, best of n, fast vs
+# exact tiles): 1 decode row x 2k keys 0.32 vs 0.54 ms, 8 x 2k 0.53 vs 1.05, 70 x 70 causal 0.28 vs 0.50,
+# 512 causal 20 vs 247, 2k causal 296 vs 2,056, 2k full 406 vs 2,147; out within 1.2e-6, lse within 1e-6.
+# Faster at every size and exact in fp32, so CPU takes the fast path too, not only CUDA.
+FAST_PATH_DEVICES = {"cuda", "cpu"}
+# NOTE: more run pairs than this is closer to a shuffled layout than to shards of contiguous text; one
+# exact tiled pass beats dozens of small kernel calls and merges there.
+MAX_RUN_PAIRS = 16
+
+Piece = tuple[slice, slice, bool]  # (query rows, key rows, square causal block) for one kernel call
+
+# (device type, dtype, head dim) whose fast kernel raised once: the exact path serves it from then on.
+_broken_kernels: set[tuple[str, torch.dtype, int]] = set()
+_cpu_native_gqa = True  # flipped if this torch's CPU flash kernel wants as many KV heads as q heads
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).unsqueeze(0)  # [T, H, D] -> [1, H, T, D]
+
+
+def _cuda_kernel(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    group = q.shape[1] // k.shape[1]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if group > 1:  # the flash op takes as many KV heads as query heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+    # Signatures, the same on torch 2.11 and 2.13 (only the leading outputs are used):
+    # _scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale)
+    #   -> (out, logsumexp [B, H, Tq], ...); fp16/bf16 only.
+    # _scaled_dot_product_efficient_attention(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal,
+    #   *, scale) -> (out, log_sumexp [B, H, Tq rounded up to 32], ...); takes fp32 too.
+    if q.dtype in (torch.float16, torch.bfloat16):
+        result = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, scale=scale)
+    else:
+        result = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qh, kh, vh, None, True, 0.0, causal, scale=scale
+        )
+    return result[0], result[1]
+
+
+def _cpu_kernel(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    global _cpu_native_gqa
+    # NOTE: fp32 inputs even for bf16 blocks: it keeps the result within 1e-6 of the exact path (which
+    # computes in fp32) and measured no slower than the kernel's own bf16 path on this CPU.
+    q, k, v = q.float(), k.float(), v.float()
+    # (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp [B, H, Tq])
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if _cpu_native_gqa:
+        try:
+            result = op(_heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=scale)
+            return result[0], result[1]
+        except RuntimeError:
+            _cpu_native_gqa = False
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    result = op(_heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=scale)
+    return result[0], result[1]
+
+
+def _flash_kernel(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One flash-class call: q [Tq, Hq, D], k/v [Tk, Hkv, D] -> (out [Tq, Hq, D], lse [Tq, Hq]) fp32.
+
+    causal means a square block where key j is visible to query i when j <= i. None: no kernel here.
+    """
+    t_q, _, d = q.shape
+    kind = (q.device.type, q.dtype, d)
+    if kind in _broken_kernels:
+        return None
+    kernel = _cuda_kernel if q.device.type == "cuda" else _cpu_kernel
+    try:
+        out, lse = kernel(q, k, v, causal, scale)  # [1, Hq, Tq, D], [1, Hq, >=Tq]
+    except RuntimeError as error:  # e.g. a head dim or GPU the kernel does not support
+        _broken_kernels.add(kind)
+        log.warning("flash-class attention unavailable for %s, using the exact path: %s", kind, error)
+        return None
+    return out[0].transpose(0, 1).float(), lse[0, :, :t_q].transpose(0, 1).float()
+
+
+def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Runs of consecutive positions in pos [T] (on the host): (first row, end row, first position)."""
+    breaks = (torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, pos.numel()]
+    return list(zip(starts, ends, pos[starts].tolist()))
+
+
+def _run_pair_pieces(q_run: tuple[int, int, int], k_run: tuple[int, int, int]) -> list[Piece]:
+    """The visible (query, key) pairs of one q run and one k run as full or square causal pieces."""
+    (qa, qb, qs), (ka, kb, ks) = q_run, k_run
+    qe, ke = qs + qb - qa, ks + kb - ka  # exclusive position ends
+    pieces = []
+    older = min(ke, qs) - ks  # keys before every query: visible to all of them
+    if older > 0:
+        pieces.append((slice(qa, qb), slice(ka, ka + older), False))
+    d0, d1 = max(qs, ks), min(qe, ke)  # positions both runs hold: a square causal diagonal
+    if d0 < d1:
+        pieces.append((slice(qa + d0 - qs, qa + d1 - qs), slice(ka + d0 - ks, ka + d1 - ks), True))
+    if ke < qe and d0 < ke:  # queries after the last key see every key of the diagonal
+        pieces.append((slice(qa + ke - qs, qb), slice(ka + d0 - ks, kb), False))
+    return pieces
+
+
+def kernel_pieces(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, mask: MaskKind | None
+) -> list[Piece] | None:
+    """Kernel calls that cover exactly the visible pairs of the block, or None for the exact path."""
+    t_q, t_k = q_pos.shape[0], k_pos.shape[0]
+    everything = (slice(0, t_q), slice(0, t_k), False)
+    if mask not in (None, "full", "causal_diagonal", "positions"):
+        raise ValueError(f"unknown mask kind {mask!r}")
+    if mask == "positions":
+        return None
+    if not causal or mask == "full":
+        return [everything]
+    if mask == "causal_diagonal":
+        if t_q != t_k:
+            raise ValueError(f"a causal diagonal block is square, got {t_q} queries and {t_k} keys")
+        return [(slice(0, t_q), slice(0, t_k), True)]
+    positions = torch.cat([q_pos, k_pos]).cpu()  # NOTE: the one host sync of a call without a hint
+    q_runs, k_runs = _runs(positions[:t_q]), _runs(positions[t_q:])
+    if len(q_runs) * len(k_runs) > MAX_RUN_PAIRS:
+        return None
+    return [piece for q_run in q_runs for k_run in k_runs for piece in _run_pair_pieces(q_run, k_run)]
+
+
+def _fast_attention(q, k, v, pieces: list[Piece], scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    t_q, h_q, d = q.shape
+    if len(pieces) == 1 and pieces[0][0] == slice(0, t_q):  # one call covers every row: no merge
+        _, keys, causal = pieces[0]
+        return _flash_kernel(q, k[keys], v[keys], causal, scale)
+    out = q.new_zeros(t_q, h_q, d, dtype=torch.float32)
+    lse = q.new_full((t_q, h_q), -math.inf, dtype=torch.float32)
+    for rows, keys, causal in pieces:
+        part = _flash_kernel(q[rows], k[keys], v[keys], causal, scale)
+        if part is None:
+            return None
+        out[rows], lse[rows] = merge_partials(out[rows], lse[rows], *part)
+    return out, lse
+
+
 def block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,19 +269,37 @@ def block_attention(
     q_seq: torch.Tensor | None = None,
     k_seq: torch.Tensor | None = None,
     scale: float | None = None,
+    mask: MaskKind | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over (k, v) with its log-sum-exp.
 
     q: [Tq, Hq, D]; k, v: [Tk, Hkv, D] with Hq % Hkv == 0; q_pos: [Tq], k_pos: [Tk] (int64).
-    Returns out: [Tq, Hq, D] fp32 (zeros where no key is visible) and lse: [Tq, Hq] fp32 (-inf there).
+    mask: what the caller knows about visibility (see MaskKind); None inspects the positions.
+    Returns out: [Tq, Hq, D] fp32 (zeros where no key is visible) and lse: [Tq, Hq] fp32 (-inf there),
+    lse in natural log of the scaled scores.
     """
+    t_q, h_q, d = q.shape
+    t_k = k.shape[0]
+    if t_k == 0 or t_q == 0:
+        empty_out = q.new_zeros(t_q, h_q, d, dtype=torch.float32)
+        return empty_out, q.new_full((t_q, h_q), -math.inf, dtype=torch.float32)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if q_seq is None and q.device.type in FAST_PATH_DEVICES:
+        pieces = kernel_pieces(q_pos, k_pos, causal, mask)
+        fast = _fast_attention(q, k, v, pieces, scale) if pieces is not None else None
+        if fast is not None:
+            return fast
+    return _exact_attention(q, k, v, q_pos, k_pos, causal, q_seq, k_seq, scale)
+
+
+def _exact_attention(
+    q, k, v, q_pos, k_pos, causal: bool, q_seq, k_seq, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled fp32 path for any positions (see the module docstring)."""
     t_q, h_q, d = q.shape
     t_k = k.shape[0]
     out = q.new_zeros(t_q, h_q, d, dtype=torch.float32)
     lse = q.new_full((t_q, h_q), -math.inf, dtype=torch.float32)
-    if t_k == 0 or t_q == 0:
-        return out, lse
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if causal and q_seq is None:
         for q_rows, k_rows, needs_mask in causal_tiles(q_pos, k_pos, h_q):
             mask = visibility_mask(q_pos[q_rows], k_pos[k_rows], True) if needs_mask else None

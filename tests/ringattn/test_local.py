@@ -1,4 +1,4 @@
-"""block_attention against torch SDPA: layouts, GQA, causal tiling, empty blocks."""
+"""block_attention against torch SDPA (layouts, GQA, causal tiling, empty blocks); fast path == exact path."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from longbow.ringattn.layout import layout_indices
 from longbow.ringattn.local import block_attention, computed_pairs, reference_lse, sdpa_reference
 
 
+@pytest.mark.parametrize("mask", [None, "positions"])  # fast path where it applies, and the exact tiles
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("gqa", [1, 3, 4])
 @pytest.mark.parametrize("order", ["sorted", "permuted", "zigzag"])
-def test_block_attention_matches_sdpa_with_small_tiles(monkeypatch, causal: bool, gqa: int, order: str) -> None:
+def test_block_attention_matches_sdpa_with_small_tiles(
+    monkeypatch, mask, causal: bool, gqa: int, order: str
+) -> None:
     # small tiles so that skipped, unmasked and masked tiles all occur on a 70-token block
     monkeypatch.setattr(local, "TILE_SCORES", 16 * 2 * gqa)
     monkeypatch.setattr(local, "KEY_TILE", 8)
@@ -24,7 +27,7 @@ def test_block_attention_matches_sdpa_with_small_tiles(monkeypatch, causal: bool
     if index is None:
         index = torch.cat(layout_indices(70, 3, "zigzag"))
     positions = index + 3
-    out, lse = block_attention(q, k, v, positions, positions, causal=causal)
+    out, lse = block_attention(q, k, v, positions, positions, causal=causal, mask=mask)
     assert (out - sdpa_reference(q, k, v, positions, positions, causal=causal)).abs().max() <= 1e-5
     assert (lse - reference_lse(q, k, positions, positions, causal=causal)).abs().max() <= 1e-5
 
@@ -52,3 +55,90 @@ def test_sequence_ids_separate_ragged_requests() -> None:
     out, _ = block_attention(q, k, v, pos, pos, q_seq=seq, k_seq=seq)
     first, _ = block_attention(q[:3], k[:3], v[:3], pos[:3], pos[:3])
     assert (out[:3] - first).abs().max() <= 1e-6
+
+
+# (q positions, k positions, hint the caller could give) for the mask shapes a ring hop meets
+def _contiguous(start: int, length: int) -> torch.Tensor:
+    return torch.arange(start, start + length)
+
+
+FAST_CASES = {
+    "diagonal": (_contiguous(40, 48), _contiguous(40, 48), "causal_diagonal"),
+    "keys_before": (_contiguous(100, 48), _contiguous(20, 64), "full"),
+    "keys_after": (_contiguous(0, 48), _contiguous(60, 40), None),  # nothing visible: zeros, -inf
+    "tokenring_first_half": (_contiguous(40, 24), _contiguous(40, 48), None),
+    "tokenring_second_half": (_contiguous(64, 24), _contiguous(40, 48), None),
+    "overlapping_shifted": (_contiguous(50, 40), _contiguous(30, 45), None),
+    "zigzag": (
+        torch.cat([_contiguous(0, 20), _contiguous(140, 20)]),
+        torch.cat([_contiguous(20, 30), _contiguous(110, 30)]),
+        None,
+    ),
+}
+
+
+def _qkv(t_q: int, t_k: int, gqa: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(t_q, 2 * gqa, 32, generator=gen).to(dtype)
+    k, v = torch.randn(t_k, 2, 32, generator=gen), torch.randn(t_k, 2, 32, generator=gen)
+    return q, k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("gqa", [1, 3, 4])
+@pytest.mark.parametrize("case", sorted(FAST_CASES))
+def test_fast_path_equals_exact_path(
+    monkeypatch, case: str, gqa: int, dtype: torch.dtype, tolerance: float
+) -> None:
+    calls = []
+    real_kernel = local._flash_kernel
+    monkeypatch.setattr(local, "_flash_kernel", lambda *args: calls.append(args[3]) or real_kernel(*args))
+    q_pos, k_pos, hint = FAST_CASES[case]
+    q, k, v = _qkv(len(q_pos), len(k_pos), gqa, dtype)
+    exact_out, exact_lse = block_attention(q, k, v, q_pos, k_pos, mask="positions")
+    assert not calls
+    for mask in dict.fromkeys([None, hint]):
+        out, lse = block_attention(q, k, v, q_pos, k_pos, mask=mask)
+        assert out.dtype == lse.dtype == torch.float32 and lse.shape == exact_lse.shape
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse))
+        finite = torch.isfinite(exact_lse)
+        assert ((lse[finite] - exact_lse[finite]).abs() <= tolerance).all()
+        assert (out - exact_out).abs().max() <= tolerance
+    assert calls or case == "keys_after"  # every case but the empty one ran the kernel
+
+
+@pytest.mark.parametrize("gqa", [1, 3, 4])
+def test_non_causal_fast_path_ignores_positions(gqa: int) -> None:
+    q, k, v = _qkv(30, 50, gqa, torch.float32)
+    q_pos, k_pos = torch.randperm(30), torch.randperm(50) + 100  # keys after queries: visible anyway
+    out, lse = block_attention(q, k, v, q_pos, k_pos, causal=False)
+    exact_out, exact_lse = block_attention(q, k, v, q_pos, k_pos, causal=False, mask="positions")
+    assert (out - exact_out).abs().max() <= 1e-5 and (lse - exact_lse).abs().max() <= 1e-5
+    assert (lse - reference_lse(q, k, q_pos, k_pos, causal=False)).abs().max() <= 1e-5
+
+
+def test_shuffled_positions_take_the_exact_path() -> None:
+    pos = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    assert local.kernel_pieces(pos, pos, True, None) is None
+    assert local.kernel_pieces(torch.arange(8), torch.arange(8), True, "positions") is None
+    assert local.kernel_pieces(pos, pos, False, None) == [(slice(0, 64), slice(0, 64), False)]
+
+
+def test_hints_are_checked() -> None:
+    with pytest.raises(ValueError):
+        local.kernel_pieces(torch.arange(4), torch.arange(6), True, "causal_diagonal")
+    with pytest.raises(ValueError):
+        local.kernel_pieces(torch.arange(4), torch.arange(4), True, "diagonal")
+
+
+def test_kernel_failure_falls_back_to_the_exact_path(monkeypatch) -> None:
+    def broken(*args):
+        raise RuntimeError("no kernel for this head dim")
+
+    monkeypatch.setattr(local, "_cpu_kernel", broken)
+    monkeypatch.setattr(local, "_broken_kernels", set())
+    q, k, v = _qkv(16, 16, 3, torch.float32)
+    pos = torch.arange(16)
+    out, lse = block_attention(q, k, v, pos, pos)
+    assert (out - sdpa_reference(q, k, v, pos, pos)).abs().max() <= 1e-5
+    assert local._broken_kernels == {("cpu", torch.float32, 32)}
