@@ -230,6 +230,13 @@ def _location(location: str) -> tuple[str, int, int]:
         raise SystemExit(f"error: expected FILE:LINE:COL (1-based), got {location!r}") from None
 
 
+def cmd_lsp(args) -> int:
+    """Language server on stdio for editors, over a running gateway (SDK only: no torch)."""
+    from longbow.services.lsp.cli import run
+
+    return run(args, load_config(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longbow", description="Long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -278,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     ctx.add_argument("--address", help="host:port of a running `longbow serve`")
     ctx.add_argument("--token", help="bearer token for a server with auth")
     ctx.set_defaults(fn=cmd_context)
+    lsp = sub.add_parser("lsp", help="language server (stdio) for editors, over a running `longbow serve`")
+    lsp.add_argument("--address", help="host:port of the gateway (default: gateway.host:gateway.port of the config)")
+    lsp.add_argument("--token", help="bearer token (default: gateway.auth_token, LONGBOW_AUTH_TOKEN)")
+    lsp.add_argument("--tls", action="store_true", help="TLS to the gateway (CA: --tls-ca, else the system's)")
+    lsp.add_argument("--tls-ca", help="PEM file of the CA that signed the gateway's certificate")
+    lsp.add_argument("--max-tokens", type=int, default=32, help="tokens of an inline fill")
+    lsp.add_argument("--error-rounds", type=int, default=1, choices=[0, 1, 2], help="type-check rounds of a fill")
+    lsp.add_argument("--inline", default="auto", choices=["auto", "complete", "session"],
+                     help="inline fills: Complete at typed holes and the edit session elsewhere (auto), or one of them")
+    lsp.set_defaults(fn=cmd_lsp)
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (source checkout), e.g. `longbow bench engine --quick`")
     bench.add_argument("name", help="engine, ringattn, gateway, ...")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
