@@ -62,6 +62,11 @@ class GatewayConfig:
     max_inflight: int = 64  # concurrent generation calls before RESOURCE_EXHAUSTED
     default_max_tokens: int = 128
     max_prompt_chars: int = 1_000_000
+    # Pods (k8s/, services/gateway/lifecycle.py): drain, readiness, replica-local sessions.
+    health_port: int | None = None  # plaintext gRPC health only, for kubelet probes (no TLS, no token); None: off
+    shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight streams get this long before UNAVAILABLE
+    stall_timeout_s: float = 60.0  # queued work with no engine step for this long: NOT_SERVING
+    replica_id: str = ""  # names this replica in session ids (the pod name); empty: the host name
     max_receive_bytes: int = 0  # 0: sized to the largest valid prompt or document (gateway/limits.py), ~5 MB
     # Pods (k8s/, services/gateway/lifecycle.py): drain, readiness, replica-local sessions.
     health_port: int | None = None  # plaintext gRPC health only, for kubelet probes (no TLS, no token); None: off
@@ -145,6 +150,9 @@ _ENV_KEYS = {
     "LONGBOW_TLS_CERT": ("gateway", "tls_cert", str),
     "LONGBOW_TLS_KEY": ("gateway", "tls_key", str),
     "LONGBOW_MAX_INFLIGHT": ("gateway", "max_inflight", int),
+    "LONGBOW_HEALTH_PORT": ("gateway", "health_port", int),
+    "LONGBOW_SHUTDOWN_TIMEOUT_S": ("gateway", "shutdown_timeout_s", float),
+    "LONGBOW_REPLICA_ID": ("gateway", "replica_id", str),
     "LONGBOW_HEALTH_PORT": ("gateway", "health_port", int),
     "LONGBOW_SHUTDOWN_TIMEOUT_S": ("gateway", "shutdown_timeout_s", float),
     "LONGBOW_REPLICA_ID": ("gateway", "replica_id", str),

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import longbow
@@ -32,6 +32,7 @@ from longbow.services.engine.engine import AsyncLLMEngine
 from longbow.services.gateway import code_assist, handlers, retrieval, sessions
 from longbow.services.gateway.errors import ErrorInterceptor
 from longbow.services.gateway.generation import GenerationService
+from longbow.services.gateway.lifecycle import DrainInterceptor, Lifecycle
 from longbow.services.gateway.limits import receive_limit_bytes
 from longbow.services.gateway.metrics import GatewayMetrics
 from longbow.services.gateway.runtime import GatewayRuntime
@@ -52,12 +53,20 @@ class Gateway:
     health: health.aio.HealthServicer
     servicers: list = dataclasses.field(default_factory=list)
     _metrics_task: asyncio.Task | None = None
+    lifecycle: Lifecycle | None = None
+
+    async def drain(self) -> None:
+        """SIGTERM: finish or end the calls in flight (lifecycle.py), then stop the rest."""
+        await self.lifecycle.drain(self.server)
+        await self.stop(0)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._metrics_task:
             self._metrics_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.lifecycle:
+            await self.lifecycle.close()
         for servicer in self.servicers:
             await servicer.close()
 
@@ -95,7 +104,8 @@ async def start_gateway(config: LongbowConfig, engine: AsyncLLMEngine, tokenizer
     interceptor = ErrorInterceptor(gw.auth_token, metrics.record_status)
     options = [("grpc.max_receive_message_length", receive_limit_bytes(config)),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    lifecycle = Lifecycle(health.aio.HealthServicer(), engine, gw, _service_names())
+    server = grpc.aio.server(interceptors=[DrainInterceptor(lifecycle), interceptor], options=options)
     generation = GenerationService(engine, tokenizer, gw, metrics)
     runtime = GatewayRuntime(config, engine, tokenizer, metrics, asyncio.get_running_loop())
     servicers = [retrieval.create_servicer(runtime), code_assist.create_servicer(runtime),
@@ -108,16 +118,16 @@ async def start_gateway(config: LongbowConfig, engine: AsyncLLMEngine, tokenizer
     retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicers[0], server)
     code_assist_pb2_grpc.add_CodeAssistServicer_to_server(servicers[1], server)
     sessions_pb2_grpc.add_SessionsServicer_to_server(servicers[2], server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = lifecycle.health
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = _service_names()
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = _bind(server, gw)
     await server.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await lifecycle.start(gw.host)  # NOT_SERVING until the engine has stepped; a watchdog after that
+    await lifecycle.wait_warmed_up()
     metrics_port = metrics.serve(gw.metrics_port, gw.host) if gw.metrics_port is not None else None
-    gateway = Gateway(server, port, metrics_port, engine, generation, health_servicer, servicers)
+    gateway = Gateway(server, port, metrics_port, engine, generation, health_servicer, servicers, lifecycle=lifecycle)
     gateway._metrics_task = asyncio.create_task(_refresh_metrics(generation))
     log.info("gateway listening on %s:%d (metrics %s, auth %s, tls %s)", gw.host, port, metrics_port,
              bool(gw.auth_token), bool(gw.tls_cert))
@@ -157,5 +167,5 @@ async def serve(config: LongbowConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await gateway.stop()
+    await gateway.drain()
     engine.shutdown()
