@@ -5,12 +5,19 @@ share it) and `EmbeddedStore` (sqlite under a directory; `longbow serve` on one 
 (FAISS, BM25; rag/index.py) are rebuilt from `document_ids()` + `document()` and kept current by reading
 `changes_since(seq)`. A change only names a document: the reader re-reads that document's current state,
 so replaying a change twice, or out of date, is harmless and replicas converge.
+
+An acknowledged write must survive a crash. Redis keeps data in memory: `open_store` reads the server's
+persistence settings and refuses (`NotDurableError`, naming the fix) unless the append-only file is on
+with `appendfsync always` or `everysec`. NOTE: everysec writes the AOF before Redis answers, so a killed
+Redis process loses nothing acknowledged; a host crash may lose up to the last second (use `always`
+where that matters). Operators who accept losses opt out with `require_durable=False` (a warning).
 """
 
 from __future__ import annotations
 
 import abc
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +28,13 @@ import numpy as np
 from longbow.rag.types import Chunk
 
 MAX_CHANGES = 100_000  # change-log entries kept; a reader further behind rebuilds (ChangeLogGap)
+DURABLE_FSYNC = ("always", "everysec")
+
+log = logging.getLogger(__name__)
+
+
+class NotDurableError(Exception):
+    """The store would acknowledge writes that a crash can lose (or cannot tell); the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,33 @@ class RedisStore(Store):
         self._put, self._delete = self.redis.register_script(_PUT), self.redis.register_script(_DELETE)
         self._keys = [f"{prefix}:documents", f"{prefix}:seq", f"{prefix}:changes"]
 
+    def check_durable(self, required: bool = True) -> None:
+        """Reads the server's persistence settings (connecting: redis' ConnectionError when it is down).
+        Raises NotDurableError when acknowledgements would not survive a crash and `required`; logs a
+        warning instead when not required."""
+        import redis
+
+        try:
+            settings = {**self.redis.config_get("appendonly"), **self.redis.config_get("appendfsync")}
+            problem = durability_problem(settings)
+        except redis.exceptions.ResponseError as error:  # CONFIG renamed or disabled (managed Redis)
+            problem = f"cannot read its persistence settings ({error})"
+        if problem is None:
+            return
+        fix = ("run Redis with `--appendonly yes` (appendfsync everysec or always; `CONFIG SET appendonly yes` "
+               "on a running server, then persist it in redis.conf)")
+        if required:
+            raise NotDurableError(f"Redis store {self.url_for_logs}: {problem}, so acknowledged documents can be "
+                                  f"lost in a crash. Fix: {fix}; or accept the risk with "
+                                  "`rag.require_durable = false` (LONGBOW_STORE_REQUIRE_DURABLE=0).")
+        log.warning("Redis store %s: %s; acknowledged documents can be lost in a crash "
+                    "(rag.require_durable = false)", self.url_for_logs, problem)
+
+    @property
+    def url_for_logs(self) -> str:
+        kwargs = self.redis.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}/{kwargs.get('db', 0)}"
+
     def _document_key(self, document_id: str) -> str:
         return f"{self.prefix}:doc:{document_id}"
 
@@ -276,12 +317,28 @@ class RedisStore(Store):
         self.redis.close()
 
 
-def open_store(store_url: str = "", data_dir: str | Path = "") -> Store:
-    """RedisStore for a redis:// (or rediss://, unix://) URL, else the EmbeddedStore under data_dir."""
+def durability_problem(settings: dict) -> str | None:
+    """Why Redis with these CONFIG values would lose acknowledged writes in a crash; None if it would not."""
+    if settings.get("appendonly") != "yes":
+        return "its append-only file is off (appendonly no)"
+    if settings.get("appendfsync") not in DURABLE_FSYNC:
+        return f"appendfsync is {settings.get('appendfsync')!r}, not always or everysec"
+    return None
+
+
+def open_store(store_url: str = "", data_dir: str | Path = "", require_durable: bool = True) -> Store:
+    """RedisStore for a redis:// (or rediss://, unix://) URL, else the EmbeddedStore under data_dir.
+    A Redis store is checked for durability first (connecting: redis' ConnectionError when it is down)."""
     if store_url:
         if not store_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"unsupported store URL {store_url!r}: expected redis://host:port/db")
-        return RedisStore(store_url)
+        store = RedisStore(store_url)
+        try:
+            store.check_durable(require_durable)
+        except BaseException:
+            store.close()
+            raise
+        return store
     if not data_dir:
         raise ValueError("the embedded store needs a data directory")
     return EmbeddedStore(data_dir)

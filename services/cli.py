@@ -44,7 +44,13 @@ def cmd_serve(args) -> int:
         overrides["engine__ray_address"] = args.address
     if args.no_metrics:
         overrides["gateway__metrics_port"] = None
-    asyncio.run(serve(load_config(args.config, **overrides)))
+    from longbow.rag.store import NotDurableError
+
+    try:
+        asyncio.run(serve(load_config(args.config, **overrides)))
+    except NotDurableError as exc:  # a configuration to fix, not a crash: the message names the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

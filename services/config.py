@@ -80,6 +80,7 @@ class RagConfig:
     """The retrieval front end (rag/). store_url empty: the embedded store under data_dir."""
 
     store_url: str = ""  # "redis://host:6379/0" in deployments
+    require_durable: bool = True  # refuse a Redis without AOF (acknowledged documents lost in a crash)
     data_dir: str = ""  # embedded store directory; empty: LONGBOW_HOME/rag
     default_chunker: str = "perplexity"  # fixed | sentence | perplexity | margin
     target_chunk_tokens: int = 128  # chunk length (model tokens) when a request leaves it 0
@@ -157,6 +158,8 @@ _ENV_KEYS = {
     "LONGBOW_SHUTDOWN_TIMEOUT_S": ("gateway", "shutdown_timeout_s", float),
     "LONGBOW_REPLICA_ID": ("gateway", "replica_id", str),
     "LONGBOW_STORE_URL": ("rag", "store_url", str),
+    "LONGBOW_STORE_REQUIRE_DURABLE": ("rag", "require_durable", lambda value: value.strip().lower() not in
+                                      ("0", "false", "no", "off")),
     "LONGBOW_RAG_DIR": ("rag", "data_dir", str),
     "LONGBOW_RAG_CHUNKER": ("rag", "default_chunker", str),
     "LONGBOW_RAG_TARGET_TOKENS": ("rag", "target_chunk_tokens", int),

@@ -107,7 +107,8 @@ def gateway(loaded_model, tokenizer):
 
 @pytest.fixture(scope="session")
 def redis_server():
-    """A real redis-server on a free loopback port for this test session (no persistence).
+    """A real redis-server on a free loopback port for this test session, run as the README tells
+    operators to (append-only file on, fsync every second; the gateway refuses a Redis without it).
     Yields its URL. Fails (does not skip) when redis-server is missing: .ci/run installs it."""
     import shutil
     import socket
@@ -122,7 +123,7 @@ def redis_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workdir = tempfile.TemporaryDirectory(prefix="longbow-redis-")
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                                 "--dir", workdir.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)

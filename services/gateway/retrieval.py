@@ -13,21 +13,25 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+from grpc_health.v1 import health_pb2
 
 from longbow.v1 import retrieval_pb2 as pb
 from longbow.v1 import retrieval_pb2_grpc
 from longbow.rag.embed import shared_embedder
 from longbow.rag.ingest import IngestLimits, Ingestor, IngestProgress, validate
 from longbow.rag.retrieve import HybridRetriever
-from longbow.rag.store import open_store
+from longbow.rag.store import NotDurableError, open_store
 from longbow.rag.types import Document, Hit
 from longbow.services.config import longbow_home
 from longbow.services.engine.errors import EngineStoppedError, InvalidRequestError
 from longbow.services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
+CONNECT_BACKOFF_S = (0.2, 5.0)  # first retry, cap: doubling in between
 
 _CHUNKERS = {pb.CHUNKER_FIXED: "fixed", pb.CHUNKER_SENTENCE: "sentence", pb.CHUNKER_PERPLEXITY: "perplexity",
              pb.CHUNKER_MARGIN: "margin"}
@@ -110,36 +114,122 @@ def _enum_name(table: dict, value: int, what: str) -> str:
     return table[value]
 
 
+class _ThrottledWarning:
+    """The first warning of a run of failures, then at most one per `period_s` saying how many were
+    dropped; `recovered` ends the run with one info line. NOTE: a store outage used to log every 0.5 s."""
+
+    def __init__(self, period_s: float = 30.0):
+        self.period_s, self._last, self._dropped = period_s, None, 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.period_s:
+            self._dropped += 1
+            return
+        more = f" ({self._dropped} similar since the last report)" if self._dropped else ""
+        log.warning(message + more, *args)
+        self._last, self._dropped = now, 0
+
+    def recovered(self, message: str, *args) -> None:
+        if self._last is not None:
+            log.info(message, *args)
+        self._last, self._dropped = None, 0
+
+
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    """Serves once its store is open. A store that answers but is not durable stops the gateway's start
+    (NotDurableError); one that does not answer is retried with backoff in the background while health
+    reports Retrieval NOT_SERVING (the other services serve) and its RPCs answer UNAVAILABLE."""
+
     def __init__(self, runtime: GatewayRuntime):
         self.runtime, self.config = runtime, runtime.config.rag
-        self.store = open_store(self.config.store_url, self.config.data_dir or Path(longbow_home()) / "rag")
-        # NOTE: the index rebuild runs at start (the design's "rebuilt from the store at start"); it reads
-        # stored embeddings only, so the embedding model itself loads on the first ingest or query.
-        self.retriever = HybridRetriever(self.store, shared_embedder(), dense_kind=self.config.dense_index,
-                                         candidates=self.config.candidates)
-        limits = IngestLimits(max_documents=self.config.max_documents_per_request,
-                              max_document_chars=self.config.max_document_chars)
+        self.store = self.retriever = self.ingestor = None
         # Every chunker measures length in the served model's tokens; Meta-Chunking also scores with it.
         self.lm = runtime.lm()
-        self.ingestor = Ingestor(self.store, shared_embedder(), lm=self.lm, limits=limits,
-                                 perplexity_theta=self.config.perplexity_theta)
+        self.connect_attempts = 0
+        self._health = None
+        self._store_warning = _ThrottledWarning()
+        self._connector = None
+        try:
+            self._open_store()
+        except _store_errors() as exc:
+            self._store_warning.warning("document store unreachable (%s): retrying with backoff; Retrieval is "
+                                        "NOT_SERVING until it answers", exc)
+            self._connector = runtime.loop.create_task(self._connect_with_backoff())
         self._follower = runtime.loop.create_task(self._follow(self.config.follow_interval_s))
+
+    def _open_store(self) -> None:
+        self.connect_attempts += 1
+        store = open_store(self.config.store_url, self.config.data_dir or Path(longbow_home()) / "rag",
+                           self.config.require_durable)
+        try:
+            # NOTE: the index rebuild runs at start (the design's "rebuilt from the store at start"); it reads
+            # stored embeddings only, so the embedding model itself loads on the first ingest or query.
+            retriever = HybridRetriever(store, shared_embedder(), dense_kind=self.config.dense_index,
+                                        candidates=self.config.candidates)
+        except BaseException:
+            store.close()
+            raise
+        limits = IngestLimits(max_documents=self.config.max_documents_per_request,
+                              max_document_chars=self.config.max_document_chars)
+        self.ingestor = Ingestor(store, shared_embedder(), lm=self.lm, limits=limits,
+                                 perplexity_theta=self.config.perplexity_theta)
+        self.store, self.retriever = store, retriever
+
+    async def _connect_with_backoff(self) -> None:
+        delay = CONNECT_BACKOFF_S[0]
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_BACKOFF_S[1])
+            try:
+                await asyncio.to_thread(self._open_store)
+            except NotDurableError as exc:  # the operator may still turn AOF on; say so, rate-limited
+                self._store_warning.warning("%s", exc)
+            except _store_errors() as exc:
+                self._store_warning.warning("document store still unreachable (%s); retrying", exc)
+            else:
+                break
+            # NOTE: re-asserted after every attempt: the gateway's readiness flips all services together
+            # (lifecycle.py), which would otherwise mark Retrieval SERVING while its store is down.
+            await self._report(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._store_warning.recovered("document store reachable after %d attempts; Retrieval serving",
+                                      self.connect_attempts)
+        await self._report(health_pb2.HealthCheckResponse.SERVING)
+
+    async def report_health(self, health_servicer) -> None:
+        """Called once the server has marked every service SERVING: corrects Retrieval while its store
+        is not open, and keeps it current from then on."""
+        self._health = health_servicer
+        if self.store is None:
+            await self._report(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _report(self, status) -> None:
+        if self._health is not None:
+            await self._health.set(pb.DESCRIPTOR.services_by_name["Retrieval"].full_name, status)
+
+    def _ready(self) -> None:
+        if self.store is None:
+            raise StoreUnavailableError("document store not reachable yet: the gateway keeps retrying")
 
     async def _follow(self, period_s: float) -> None:
         """Keep the index current from the store's change log even when no query comes (every query also
         catches up first, so this only moves the work, BM25 rebuilds included, off the query path)."""
         while True:
             await asyncio.sleep(period_s)
+            if self.store is None:
+                continue
             try:
                 await asyncio.to_thread(self.retriever.index.follow, self.store)
             except Exception as exc:  # noqa: BLE001 - a store outage must not end the follower; queries report it
-                log.warning("retrieval index could not follow the store: %s", exc)
+                self._store_warning.warning("retrieval index could not follow the store: %s", exc)
+            else:
+                self._store_warning.recovered("retrieval index follows the store again")
 
     async def Ingest(self, request: pb.IngestRequest, context) -> AsyncIterator[pb.IngestProgress]:
         chunker = self.config.default_chunker if request.chunker == pb.CHUNKER_UNSPECIFIED else \
             _enum_name(_CHUNKERS, request.chunker, "chunker")
         target = request.target_chunk_tokens or self.config.target_chunk_tokens
+        self._ready()
         documents = documents_from_pb(request)
         await _on_thread(validate, documents, target, self.ingestor.limits)  # fail before the first message
         yield progress_to_pb(IngestProgress(documents_total=len(documents)))
@@ -152,10 +242,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         ids = list(request.document_ids)
         if not ids or len(ids) > MAX_DELETE_IDS:
             raise InvalidRequestError(f"give 1 to {MAX_DELETE_IDS} document ids to delete, got {len(ids)}")
+        self._ready()
         deleted = await _on_thread(lambda: sum(self.store.delete(i) for i in dict.fromkeys(ids)))
         return pb.DeleteResponse(deleted=deleted)
 
     def _query_args(self, request: pb.QueryRequest) -> dict:
+        self._ready()
         if not request.query.strip():
             raise InvalidRequestError("the query is empty")
         if len(request.query) > MAX_QUERY_CHARS:
@@ -197,11 +289,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 yield pb.QueryChunk(text=item)
 
     async def close(self) -> None:
-        self._follower.cancel()
-        with contextlib.suppress(BaseException):
-            await self._follower
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.store.close)
+        for task in (self._follower, self._connector):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.close)
 
 
 def create_servicer(runtime: GatewayRuntime) -> RetrievalServicer:

@@ -126,6 +126,7 @@ async def start_gateway(config: LongbowConfig, engine: AsyncLLMEngine, tokenizer
     await server.start()
     await lifecycle.start(gw.host)  # NOT_SERVING until the engine has stepped; a watchdog after that
     await lifecycle.wait_warmed_up()
+    await servicers[0].report_health(health_servicer)  # Retrieval NOT_SERVING while its store is down
     metrics_port = metrics.serve(gw.metrics_port, gw.host) if gw.metrics_port is not None else None
     gateway = Gateway(server, port, metrics_port, engine, generation, health_servicer, servicers, lifecycle=lifecycle)
     gateway._metrics_task = asyncio.create_task(_refresh_metrics(generation))
