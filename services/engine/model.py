@@ -99,12 +99,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections (q, k, v in one matmul)
 
     def forward(self, x, cos, sin, backend: AttentionBackend, meta) -> torch.Tensor:
         t, a = x.shape[0], self.args
-        q = self.q_proj(x).view(t, a.n_heads, a.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
+                                              a.n_kv_heads * a.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, a.n_heads, a.head_dim)  # [T, Hq, D]
+        k = k.view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, D]
+        v = v.view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = backend.attend(self.layer, q, k, v, meta)  # [T, Hq, D]
         return self.o_proj(out.to(x.dtype).reshape(t, a.n_heads * a.head_dim))  # T may be 0 on a shard
@@ -116,8 +122,12 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -166,3 +176,25 @@ class Transformer(nn.Module):
         if logit_rows is not None:
             x = x[logit_rows]
         return self.lm_head(self.norm(x)).float()
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """q/k/v and gate/up weights concatenated into one matmul each (fewer kernels per layer; the same
+    numbers up to summation order). Applied after loading, so checkpoints keep Hugging Face's names."""
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+    return model
+
+
+def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if bias is not None:
+            fused.bias.copy_(bias)
+    return fused

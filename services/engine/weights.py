@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from longbow.services.config import BUNDLED_MODEL, ModelSource, longbow_home
-from longbow.services.engine.model import ModelArgs, Transformer
+from longbow.services.engine.model import ModelArgs, Transformer, fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def load_model(source: ModelSource) -> LoadedModel:
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.register_buffer("inv_freq", _inv_freq(args), persistent=False)
-    return LoadedModel(model.to(device=device, dtype=dtype).eval(), args, checkpoint, device, dtype)
+    model = fuse_projections(model.to(device=device, dtype=dtype).eval())
+    return LoadedModel(model, args, checkpoint, device, dtype)
 
 
 def _inv_freq(args: ModelArgs) -> torch.Tensor:
