@@ -117,6 +117,7 @@ class SessionsConfig:
     """PIE edit sessions: each keeps one document's KV in the engine between calls."""
 
     idle_timeout_s: float = 600.0  # an untouched session is closed and its KV freed
+    max_idle_timeout_s: float = 3600.0  # the most a client may ask for (issue 16: 4294967295 held KV forever)
     max_sessions_per_client: int = 8
     max_sessions: int = 64
     max_document_tokens: int = 16384

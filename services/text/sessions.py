@@ -83,7 +83,8 @@ class SessionManager:
             kv.release()
             raise
         session_id = f"s{next(self._ids)}-{secrets.token_hex(6)}"
-        timeout = idle_timeout_s or self.config.idle_timeout_s
+        # A client may ask for a shorter or longer idle timeout, never past the server's cap.
+        timeout = min(idle_timeout_s or self.config.idle_timeout_s, self.config.max_idle_timeout_s)
         session = Session(session_id, client, document, kv, timeout, self.clock(), mode)
         self.sessions[session_id] = session
         log.debug("session %s opened: %d tokens", session_id, len(document.token_ids))

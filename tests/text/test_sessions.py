@@ -137,6 +137,17 @@ def test_unknown_sessions_limits_and_expiry(manager, clock, engine):
     assert engine.scheduler.kv_blocks_used == 0
 
 
+def test_a_client_idle_timeout_is_capped_by_the_server(engine, tokenizer, clock):
+    config = SessionsConfig(idle_timeout_s=60, max_idle_timeout_s=120)
+    manager = SessionManager(engine, tokenizer, config, clock)
+    forever = manager.open("a = 1\n", idle_timeout_s=4294967295)
+    short = manager.open("b = 2\n", idle_timeout_s=10)
+    assert (forever.idle_timeout_s, short.idle_timeout_s) == (120, 10)
+    clock.now += 121
+    assert sorted(manager.expire()) == sorted([forever.session_id, short.session_id])
+    assert engine.scheduler.kv_blocks_used == 0
+
+
 def test_an_edit_that_overflows_the_cache_closes_the_session(loaded_model, tokenizer):
     small = LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=64, block_size=16, num_blocks=4)), loaded_model)
     manager = SessionManager(small, tokenizer, SessionsConfig())
