@@ -247,3 +247,84 @@ def test_plan_covers_every_row_and_key_once():
     many_decodes = torch.arange(0, 201)  # 200 decodes x 3 KV heads: the GPU is full without splitting
     crowded = plan_tiles(many_decodes, many_decodes * 5000, group_size=3, num_kv_heads=3)
     assert crowded.num_merges == 0 and crowded.block_m == 16
+
+
+# ---------------------------------------------------------------- the H200 build, checked without a GPU
+
+class _RecordLaunches:
+    """Stands in for a jitted kernel: records `kernel[grid](*args, **kwargs)` instead of running it, as the
+    name -> type signature and constants triton.compile takes."""
+
+    TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+             torch.int64: "i64"}
+
+    def __init__(self, fn):
+        import inspect
+
+        self.name, self.arg_names, self.launches = fn.__name__, list(inspect.signature(fn).parameters), []
+
+    def __getitem__(self, grid):
+        return self.record
+
+    def record(self, *args, **kwargs):
+        signature = {name: "*" + self.TYPES[v.dtype] if isinstance(v, torch.Tensor) else
+                     "fp32" if isinstance(v, float) else "i32" for name, v in zip(self.arg_names, args)}
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        signature.update({name: "constexpr" for name in kwargs})
+        self.launches.append(dict(kernel=self.name, signature=signature, constants=kwargs, options=options))
+
+
+# Runs in a fresh process: triton's code generator misbehaves once TRITON_INTERPRET has been on in a process
+# (its own standard-library kernels were built as interpreted functions at import).
+_COMPILE_SCRIPT = """
+import json, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from longbow.services.engine import paged_attention as module
+
+cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+for launch in json.loads(sys.argv[1]):
+    fn = JITFunction(getattr(module, launch["kernel"]))
+    source = ASTSource(fn, launch["signature"], constexprs=launch["constants"])
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                text=True, check=True).stdout
+    print(launch["kernel"], next(line for line in report.splitlines() if "REG:" in line).strip())
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_h200_without_spills(monkeypatch):
+    """The exact launches paged_attention makes, compiled for sm_90 (H200) by triton's own toolchain on this
+    CPU (ptxas ships in the wheel), as the GPU would at the first call: catches what the interpreter cannot
+    (typing of loop-carried values, tl.dot shapes and precisions) and register spills (stack bytes)."""
+    import json
+    import subprocess
+    import sys
+
+    from longbow.services.engine import paged_attention as module
+
+    recorders = (_RecordLaunches(module._paged_attention_kernel), _RecordLaunches(module._merge_partials_kernel))
+    monkeypatch.setattr(module, "_kernels", lambda: recorders)
+    for dtype, group, head_dim, seqs in [
+        (torch.bfloat16, 3, 64, [decode(700), decode(40)]),  # the SmolLM2 decode step, split
+        (torch.float16, 4, 128, [chunk(10, 40), decode(700)]),  # 64-lane prefill tiles, 8 warps
+        (torch.float32, 3, 128, [chunk(0, 30), decode(500)]),  # the IEEE fp32 path
+    ]:
+        run_kernel(make_step(seqs, group=group, head_dim=head_dim, dtype=dtype), min_split_keys=128)
+    launches = recorders[0].launches + recorders[1].launches
+    assert len(launches) == 6
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(launches)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = result.stdout.strip().splitlines()
+    assert len(reports) == 6
+    for report in reports:
+        assert "STACK:0 " in report, report
