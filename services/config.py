@@ -38,6 +38,8 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int = 2048  # KV capacity = num_blocks * block_size tokens
     max_seqs: int = 64  # sequences per step
+    attention: str = "auto"  # auto: the Triton step kernel on CUDA, per-request SDPA on CPU; sdpa | triton
+    decode_graphs: str = "auto"  # auto: decode steps replay CUDA graphs on CUDA; on | eager | off
     max_queue: int = 1024  # waiting requests before CapacityError
     policy: str = "splitfuse"  # or "prefill_first"
     max_model_len: int | None = None  # None: the model's own context length
@@ -62,11 +64,6 @@ class GatewayConfig:
     max_inflight: int = 64  # concurrent generation calls before RESOURCE_EXHAUSTED
     default_max_tokens: int = 128
     max_prompt_chars: int = 1_000_000
-    # Pods (k8s/, services/gateway/lifecycle.py): drain, readiness, replica-local sessions.
-    health_port: int | None = None  # plaintext gRPC health only, for kubelet probes (no TLS, no token); None: off
-    shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight streams get this long before UNAVAILABLE
-    stall_timeout_s: float = 60.0  # queued work with no engine step for this long: NOT_SERVING
-    replica_id: str = ""  # names this replica in session ids (the pod name); empty: the host name
     max_receive_bytes: int = 0  # 0: sized to the largest valid prompt or document (gateway/limits.py), ~5 MB
     # Pods (k8s/, services/gateway/lifecycle.py): drain, readiness, replica-local sessions.
     health_port: int | None = None  # plaintext gRPC health only, for kubelet probes (no TLS, no token); None: off
@@ -143,6 +140,8 @@ _ENV_KEYS = {
     "LONGBOW_NUM_BLOCKS": ("engine", "num_blocks", int),
     "LONGBOW_MAX_SEQS": ("engine", "max_seqs", int),
     "LONGBOW_POLICY": ("engine", "policy", str),
+    "LONGBOW_ATTENTION": ("engine", "attention", str),
+    "LONGBOW_DECODE_GRAPHS": ("engine", "decode_graphs", str),
     "LONGBOW_SHARDS": ("engine", "shards", int),
     "LONGBOW_RAY_ADDRESS": ("engine", "ray_address", str),
     "LONGBOW_HOST": ("gateway", "host", str),
@@ -152,9 +151,6 @@ _ENV_KEYS = {
     "LONGBOW_TLS_CERT": ("gateway", "tls_cert", str),
     "LONGBOW_TLS_KEY": ("gateway", "tls_key", str),
     "LONGBOW_MAX_INFLIGHT": ("gateway", "max_inflight", int),
-    "LONGBOW_HEALTH_PORT": ("gateway", "health_port", int),
-    "LONGBOW_SHUTDOWN_TIMEOUT_S": ("gateway", "shutdown_timeout_s", float),
-    "LONGBOW_REPLICA_ID": ("gateway", "replica_id", str),
     "LONGBOW_HEALTH_PORT": ("gateway", "health_port", int),
     "LONGBOW_SHUTDOWN_TIMEOUT_S": ("gateway", "shutdown_timeout_s", float),
     "LONGBOW_REPLICA_ID": ("gateway", "replica_id", str),

@@ -86,7 +86,9 @@ class LLMEngine:
         if executor is None and cfg.shards:
             raise ValueError("engine.shards > 0 needs a shard group: build the engine with "
                              "longbow.services.replica.build_engine(config)")
-        self.executor: Executor = executor or Worker(self.loaded, cfg.num_blocks, cfg.block_size)
+        self.executor: Executor = executor or Worker(self.loaded, cfg.num_blocks, cfg.block_size,
+                                                     attention=cfg.attention, decode_graphs=cfg.decode_graphs,
+                                                     max_batch=cfg.max_seqs)
         self.scheduler = make_scheduler(
             cfg.policy, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
             token_budget=cfg.token_budget or default_token_budget(self.loaded.device), max_seqs=cfg.max_seqs,

@@ -130,22 +130,41 @@ def _logit_rows(chunk: ScheduledChunk, start: int, stop: int, shard: int) -> np.
 
 
 class ModelRunner:
-    """The model and the KV of one shard. `backend_factory(cache)` picks local or sequence-parallel attention."""
+    """The model and the KV of one shard. `backend_factory(cache)` picks the attention backend: by default
+    the Triton step kernel on CUDA (gpu_step.py) and per-request SDPA elsewhere (kv_cache.py)."""
 
     def __init__(self, loaded: LoadedModel, layout: ShardLayout, shard: int = 0,
-                 backend_factory: Callable[[PagedKVCache], AttentionBackend] | None = None):
+                 backend_factory: Callable[[PagedKVCache], AttentionBackend] | None = None,
+                 attention: str = "auto"):
         self.model, self.args, self.device = loaded.model, loaded.args, loaded.device
         self.layout, self.shard = layout, shard
-        self.cache = PagedKVCache(loaded.args, layout.blocks_per_shard, layout.block_size, loaded.device, loaded.dtype)
-        make_backend = backend_factory or (lambda cache: LocalPagedAttention(cache, loaded.args.n_layers))
-        self.backend = make_backend(self.cache)
+        # One spare block past the pool: padding rows of a graph-replayed decode write their K/V there.
+        self.cache = PagedKVCache(loaded.args, layout.blocks_per_shard + 1, layout.block_size, loaded.device,
+                                  loaded.dtype)
+        self.scratch_slot = layout.blocks_per_shard * layout.block_size
+        self.backend = (backend_factory or self._default_backend(attention))(self.cache)
         self._slot_base = shard * layout.blocks_per_shard * layout.block_size
+
+    def _default_backend(self, attention: str) -> Callable[[PagedKVCache], AttentionBackend]:
+        from longbow.services.engine import gpu_step
+
+        if attention not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"engine.attention must be auto, sdpa or triton, got {attention!r}")
+        use_kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
+                                                and gpu_step.triton_available(self.device))
+        if use_kernel:
+            return lambda cache: gpu_step.StepPagedAttention(cache, self.args)
+        return lambda cache: LocalPagedAttention(cache, self.args.n_layers)
 
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, StepInputs, LocalStepMeta]:
         """The forward pass: logits [R, V] fp32 of the step's logit rows (see StepInputs.logit_start)."""
         inputs = build_step_inputs(plan, self.layout, self.shard, self.device)
         meta = self._meta(plan, inputs)
-        self.backend.prepare(meta)
+        prepare_step = getattr(self.backend, "prepare_step", None)
+        if prepare_step is not None:  # the step kernel plans the whole step at once
+            meta = prepare_step(meta, inputs.row_start, inputs.kv_start)
+        else:
+            self.backend.prepare(meta)
         logits = self.model(inputs.token_ids, inputs.positions, self.backend, meta, inputs.logit_rows)  # [R, V]
         return logits, inputs, meta
 
@@ -261,16 +280,32 @@ class StepSampler:
 
 class Worker:
     """The in-process executor (see executor.py for the contract): one runner holding all KV, and the
-    sampler, on one device; logits stay there."""
+    sampler, on one device; logits stay there. On CUDA, decode-only steps replay CUDA graphs."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
-        self.runner = ModelRunner(loaded, ShardLayout(num_blocks, block_size))
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, *, attention: str = "auto",
+                 decode_graphs: str = "auto", max_batch: int = 64):
+        self.runner = ModelRunner(loaded, ShardLayout(num_blocks, block_size), attention=attention)
         self.sampler = StepSampler(loaded.args.eos_token_ids, loaded.device)
         self.cache = self.runner.cache
-        self.steps = 0
+        self.graphs = self._decode_graphs(loaded, decode_graphs, max_batch, num_blocks * block_size)
+        self.steps = self.graph_steps = 0
+
+    def _decode_graphs(self, loaded: LoadedModel, mode: str, max_batch: int, capacity: int):
+        from longbow.services.engine import gpu_step
+
+        if mode not in ("auto", "on", "eager", "off"):
+            raise ValueError(f"engine.decode_graphs must be auto, on, eager or off, got {mode!r}")
+        on_cuda = loaded.device.type == "cuda"
+        if mode == "off" or (mode == "auto" and not on_cuda) or not gpu_step.triton_available(loaded.device):
+            return None
+        return gpu_step.DecodeGraphs(loaded.model, self.cache, loaded.args, max_batch, capacity,
+                                     self.runner.scratch_slot, use_graphs=on_cuda and mode != "eager")
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.sampler.update(plan)
+        self.steps += 1
+        if self.graphs is not None and self.graphs.supports(plan.chunks):
+            return self._execute_decode_graph(plan)
         logits, inputs, meta = self.runner.run(plan)
         result = StepResult()
         sampling_rows, sampling = [], []
@@ -287,7 +322,15 @@ class Worker:
         if sampling:
             rows = torch.tensor(sampling_rows, dtype=torch.int64, device=logits.device)
             self.sampler.sample(sampling, logits.index_select(0, rows), attention, result)
-        self.steps += 1
+        return result
+
+    def _execute_decode_graph(self, plan: StepPlan) -> StepResult:
+        layout = self.runner.layout
+        kv_lists = [_local_kv_slots(c, layout, 0, layout.block_size) for c in plan.chunks]
+        logits = self.graphs.run(plan.chunks, kv_lists)  # [B, V]
+        result = StepResult()
+        self.sampler.sample(plan.chunks, logits, {}, result)
+        self.graph_steps += 1
         return result
 
     def forward(self, plan: StepPlan) -> ForwardOutput:
@@ -309,7 +352,9 @@ class Worker:
         """Nothing to rebuild in process: a failed step leaves the cache usable; its requests are gone."""
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "tracked_requests": len(self.sampler.params)}
+        return {"steps": self.steps, "decode_graph_steps": self.graph_steps,
+                "tracked_requests": len(self.sampler.params),
+                "attention": type(self.runner.backend).__name__}
 
     def shutdown(self) -> None:
         pass
