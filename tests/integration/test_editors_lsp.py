@@ -231,6 +231,7 @@ async def test_a_gateway_without_the_editors_root_still_answers(gateway, workspa
     hole, text = workspace
     service = _code_service(gateway)
     saved = {name: getattr(service, name) for name in ("readable_roots", "allowed_roots") if hasattr(service, name)}
+    assert saved, "the code-context service no longer has readable_roots/allowed_roots: update this test"
     unrelated = (Path(hole.root).parent / "elsewhere").resolve()
     unrelated.mkdir(exist_ok=True)
     for name in saved:  # readable_roots (issue 16): none readable; allowed_roots (before): ours refused
