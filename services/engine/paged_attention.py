@@ -32,11 +32,8 @@ except ImportError:  # CPU-only installs: the reference and the planner still wo
 
 # Tile table columns (int32): first query row, query row count, [kv_begin, kv_end) into kv_slots, and the
 # workspace index of the tile's partial result (-1: the tile covers its sequence's whole KV list and
-# writes `out` directly).
-TILE_Q_BEGIN, TILE_Q_ROWS, TILE_KV_BEGIN, TILE_KV_END, TILE_PARTIAL = range(5)
-# Merge table columns (int32): first query row, query row count, first partial, partial count.
-MERGE_Q_BEGIN, MERGE_Q_ROWS, MERGE_FIRST, MERGE_COUNT = range(4)
-
+# writes `out` directly). Merge table columns (int32): first query row, query row count, first partial,
+# partial count. An all-zero row (partial -1) is an empty tile / merge: padding for graph replay.
 PIECE_ALIGN = 64  # split pieces are whole multiples of this many keys (a multiple of every BLOCK_N)
 MAX_KV_PIECES = 64  # a split sequence has at most this many pieces: the merge takes them in one block
 H200_SMS = 132

@@ -1,8 +1,9 @@
 """The step-wide paged attention kernel against the per-sequence reference and an independent dense SDPA.
 
 NOTE: without CUDA the Triton kernel runs under Triton's CPU interpreter. Triton reads TRITON_INTERPRET
-when a kernel is decorated, which paged_attention.py does on first use, so this module sets the flag before
-importing triton (setdefault: an explicit TRITON_INTERPRET wins). On a CUDA machine the same tests run the
+when a function is decorated: its own library functions at `import triton`, ours on first use. So this
+module sets the flag before importing triton (setdefault: an explicit TRITON_INTERPRET wins), and fails
+loudly if an earlier test module imported triton without it. On a CUDA machine the same tests run the
 compiled kernel on the GPU. The interpreter is slow: sizes stay small (a few hundred keys).
 """
 
@@ -19,7 +20,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and type(triton.language.standard.max).__name__ != "InterpretedFunction":
+    # triton's own library kernels are built at its import: it was imported before the flag was set.
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set: set it in the environment "
+                       "(or in tests/conftest.py) so the interpreter can run the kernels")
 
 from longbow.services.engine.paged_attention import (  # noqa: E402
     paged_attention,
