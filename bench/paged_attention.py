@@ -17,7 +17,7 @@ position ids stored per slot. Per configuration:
 It runs on a bare GPU image (torch + triton, this repository NOT installed): the kernel file is loaded by
 path and only torch, triton and the standard library are imported.
 
-    python bench/paged_attention.py                  # CUDA: prints the table, writes results/paged_attention.json
+    python bench/paged_attention.py                  # CUDA: table, then results/paged_attention.json
     python bench/paged_attention.py --device cpu     # smoke: reference + Triton interpreter on tiny sizes
 """
 
@@ -151,7 +151,8 @@ def measure(torch, kernel, batch: int, context: int, device: str, dtype, iters: 
     calls["sdpa"] = sdpa
     expected = sdpa()[:, :, 0, :].float()  # [B, Hq, D]
     for name, fn in calls.items():
-        for column, timer in (("gpu_us", gpu_time_us), ("wall_us", wall_time_us), ("graph_us", graph_time_us)):
+        timers = (("gpu_us", gpu_time_us), ("wall_us", wall_time_us), ("graph_us", graph_time_us))
+        for column, timer in timers:
             try:
                 row[f"{name}_{column}"] = round(timer(torch, fn, iters), 1)
             except Exception as error:  # one failing column must not hide the others
@@ -177,7 +178,8 @@ def print_table(rows: list[dict]) -> None:
         cells = []
         for c in columns:
             value = r.get(c, "")
-            cells.append(f"{value:.2g}" if c.startswith("max_err") and isinstance(value, float) else str(value))
+            is_error = c.startswith("max_err") and isinstance(value, float)
+            cells.append(f"{value:.2g}" if is_error else str(value))
         print(" | ".join(cells))
     for r in rows:
         for error in r.get("errors", []):

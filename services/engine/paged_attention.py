@@ -344,7 +344,7 @@ def _merge_partials_kernel(
     entry = (((first + piece) * num_kv_heads + kv_head) * BLOCK_M + lane).to(tl.int64)  # [MAX_PIECES]
     lse = tl.load(PartialLse + entry, mask=ok, other=float("-inf"))  # [MAX_PIECES]
     dim = tl.arange(0, D)
-    o = tl.load(PartialOut + entry[:, None] * D + dim[None, :], mask=ok[:, None], other=0.0)  # [MAX_PIECES, D]
+    o = tl.load(PartialOut + entry[:, None] * D + dim[None, :], mask=ok[:, None], other=0.0)  # [PIECES, D]
     top = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [MAX_PIECES]; 0 for empty pieces
     total = tl.sum(w, 0)

@@ -171,7 +171,10 @@ def test_wrong_mask_fails_the_comparison():
     def by_list_order(key_pos, q_pos):  # the i-th listed key "is at" position i
         return torch.arange(len(key_pos), device=key_pos.device)[None, :] <= q_pos[:, None]
 
-    for wrong in (by_list_order, lambda key_pos, q_pos: torch.ones(len(q_pos), len(key_pos), dtype=torch.bool, device=q_pos.device)):
+    def everything(key_pos, q_pos):
+        return torch.ones(len(q_pos), len(key_pos), dtype=torch.bool, device=q_pos.device)
+
+    for wrong in (by_list_order, everything):
         with pytest.raises(AssertionError):
             assert_matches(out, dense_sdpa(step, wrong), torch.float32)
 
@@ -315,7 +318,8 @@ def test_kernels_compile_for_h200_without_spills(monkeypatch):
 
     from longbow.services.engine import paged_attention as module
 
-    recorders = (_RecordLaunches(module._paged_attention_kernel), _RecordLaunches(module._merge_partials_kernel))
+    recorders = (_RecordLaunches(module._paged_attention_kernel),
+                 _RecordLaunches(module._merge_partials_kernel))
     monkeypatch.setattr(module, "_kernels", lambda: recorders)
     for dtype, group, head_dim, seqs in [
         (torch.bfloat16, 3, 64, [decode(700), decode(40)]),  # the SmolLM2 decode step, split
