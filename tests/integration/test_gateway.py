@@ -51,21 +51,36 @@ def test_score_and_tokenize(client):
     assert text_ids == ids
 
 
+# NOTE: a request of 3,000 forced tokens (min_tokens) runs one engine step per token after its prompt:
+# minutes on this CPU (~13 tokens/s), and still > 30 s at 100 tokens/s. The tests below wait at most
+# ABORT_BOUND_S for its KV and then check that the engine ran fewer steps than the request needed, so
+# they pass only if the abort freed it: never because the request finished by itself, on any machine.
+LONG_TOKENS = 3000
+ABORT_BOUND_S = 20.0
+
+
+def _assert_aborted_in_time(gateway, steps_before: int) -> None:
+    stats = gateway.wait_until_idle(timeout=ABORT_BOUND_S)
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert stats["steps"] - steps_before < LONG_TOKENS, "the request ran to the end: it was never aborted"
+
+
 def test_cancelled_stream_frees_kv(client, gateway):
-    stream = client.generate_stream("Write a very long story.", max_tokens=400, min_tokens=400)
+    steps_before = gateway.engine_stats()["steps"]
+    stream = client.generate_stream("Write a very long story.", max_tokens=LONG_TOKENS, min_tokens=LONG_TOKENS)
     received = [next(stream) for _ in range(3)]
-    assert len(received) == 3
+    assert all(c.finish_reason is None for c in received)  # still generating when cancelled
     stream.close()  # the client stops reading: the call is cancelled
-    stats = gateway.wait_until_idle()
-    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+    _assert_aborted_in_time(gateway, steps_before)
 
 
 def test_deadline_exceeded_frees_kv(gateway):
+    steps_before = gateway.engine_stats()["steps"]
     with LongbowClient(gateway.address, timeout_s=0.3) as short:
         with pytest.raises(LongbowError) as err:
-            short.generate("Tell me everything.", max_tokens=1000, min_tokens=1000)
+            short.generate("Tell me everything.", max_tokens=LONG_TOKENS, min_tokens=LONG_TOKENS)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert gateway.wait_until_idle()["kv_blocks_used"] == 0
+    _assert_aborted_in_time(gateway, steps_before)
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,12 @@ class Case:
     dtype: torch.dtype = torch.float32
 
     @property
+    def decode_owner(self) -> int:
+        """The rank holding the decode query. It rotates over the ranks across a schedule's six
+        (gqa, causal) cases, so for every N <= 4 each rank owns the query in some case."""
+        return (GQA_RATIOS.index(self.gqa) * 2 + int(self.causal)) % self.world_size
+
+    @property
     def name(self) -> str:
         mask = "causal" if self.causal else "full"
         dtype = str(self.dtype).removeprefix("torch.")
@@ -82,8 +88,9 @@ def build(case: Case) -> Built:
     positions = torch.arange(LENGTH) + 5  # positions need not start at 0
     if case.placement == "decode":
         kv_indices = layout_indices(LENGTH, n, "interleaved")
-        owner = LENGTH % n
-        q_indices = [torch.tensor([LENGTH - 1]) if r == owner else torch.empty(0, dtype=torch.int64) for r in range(n)]
+        q_indices = [
+            torch.tensor([LENGTH - 1]) if r == case.decode_owner else torch.empty(0, dtype=torch.int64) for r in range(n)
+        ]
     else:
         kv_indices = _uneven_indices(LENGTH, n, gen) if case.placement == "uneven" else layout_indices(LENGTH, n, case.placement)
         q_indices = kv_indices
@@ -94,11 +101,22 @@ def build(case: Case) -> Built:
     return Built(shards, q_indices, ref_out, ref_lse)
 
 
+def row_counts(built: Built, rank: int, out: torch.Tensor, lse: torch.Tensor) -> tuple[int, int, int]:
+    """(rows this rank owns, rows of out, rows of lse): a schedule that drops or adds rows is wrong
+    however small the error on the rows it did return."""
+    return len(built.q_indices[rank]), out.shape[0], lse.shape[0]
+
+
 def errors(built: Built, rank: int, out: torch.Tensor, lse: torch.Tensor) -> tuple[float, float]:
-    """Max abs error of one rank's (out, lse) against the reference rows it owns (0 for no rows)."""
+    """Max abs error of one rank's (out, lse) against the reference rows it owns (0 for no rows).
+
+    Asserts first that the rank returned exactly as many rows as it owns: an empty output from the
+    rank that owns the query must fail, not score 0."""
+    owned, out_rows, lse_rows = row_counts(built, rank, out, lse)
+    assert out_rows == lse_rows == owned, f"rank {rank} owns {owned} query rows, returned out {out_rows}, lse {lse_rows}"
     start = sum(len(ix) for ix in built.q_indices[:rank])
-    rows = slice(start, start + len(built.q_indices[rank]))
-    if out.shape[0] == 0:
+    rows = slice(start, start + owned)
+    if owned == 0:
         return 0.0, 0.0
     out_err = (out.float() - built.reference_out[rows]).abs().max().item()
     finite = torch.isfinite(built.reference_lse[rows])

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from longbow.ringattn import SCHEDULES, CommCounter
 from longbow.ringattn.costmodel import AttentionShape, predicted_bytes, schedule_steps
-from tests.ringattn.cases import FP32_TOL, HEAD_DIM, HEADS_KV, Case, all_cases, build, errors
+from tests.ringattn.cases import FP32_TOL, HEAD_DIM, HEADS_KV, Case, all_cases, build, errors, row_counts
 from tests.ringattn.multiprocess import run_processes
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -23,8 +23,8 @@ COST_MODEL_NAME = {"decode_pass_q": "tokenring"}
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def run_all_cases(rank: int, world_size: int) -> dict[str, tuple[float, float, dict]]:
-    """On one of 4 processes: every case's (out error, lse error, bytes by step) for its shard."""
+def run_all_cases(rank: int, world_size: int) -> dict[str, tuple[tuple[int, int, int], float, float, dict]]:
+    """On one of 4 processes: every case's (row counts, out error, lse error, bytes by step) for its shard."""
     report = {}
     for n in WORLD_SIZES:
         group = dist.new_group(list(range(n))) if n < world_size else None  # every rank must call
@@ -33,7 +33,7 @@ def run_all_cases(rank: int, world_size: int) -> dict[str, tuple[float, float, d
     return report
 
 
-def _run_cases(rank: int, world_size: int, group) -> dict[str, tuple[float, float, dict]]:
+def _run_cases(rank: int, world_size: int, group) -> dict[str, tuple[tuple[int, int, int], float, float, dict]]:
     report = {}
     for case in all_cases(world_size):
         built = build(case)
@@ -43,7 +43,11 @@ def _run_cases(rank: int, world_size: int, group) -> dict[str, tuple[float, floa
             shard.q, shard.k, shard.v, shard.q_pos, shard.k_pos, causal=case.causal, group=group, counter=counter
         )
         measured = {step: b for step, b in counter.bytes_by_step().items() if b != (0, 0)}
-        report[case.name] = (*errors(built, rank, out, lse), measured)
+        rows = row_counts(built, rank, out, lse)
+        # wrong row counts are reported per case (asserted in the test), not raised here, where one
+        # case's failure would take down the whole 4-process run
+        errs = errors(built, rank, out, lse) if rows[0] == rows[1] == rows[2] else (float("inf"), float("inf"))
+        report[case.name] = (rows, *errs, measured)
     return report
 
 
@@ -55,7 +59,9 @@ def reports() -> list[dict]:
 @pytest.mark.parametrize("case", [c for n in WORLD_SIZES for c in all_cases(n)], ids=lambda c: c.name)
 def test_schedule_over_processes(case: Case, reports: list[dict]) -> None:
     per_rank = [report[case.name] for report in reports[: case.world_size]]
-    for rank, (out_err, lse_err, _) in enumerate(per_rank):
+    for rank, (rows, out_err, lse_err, _) in enumerate(per_rank):
+        owned, out_rows, lse_rows = rows
+        assert out_rows == lse_rows == owned, f"rank {rank} owns {owned} query rows, returned {out_rows}/{lse_rows}"
         assert out_err <= FP32_TOL and lse_err <= FP32_TOL, (rank, out_err, lse_err)
     built = build(case)
     shape = AttentionShape(HEADS_KV * case.gqa, HEADS_KV, HEAD_DIM, 4, case.causal)
@@ -63,4 +69,4 @@ def test_schedule_over_processes(case: Case, reports: list[dict]) -> None:
         COST_MODEL_NAME.get(case.schedule, case.schedule), shape,
         [s.q_pos for s in built.shards], [s.k_pos for s in built.shards],
     )
-    assert [measured for _, _, measured in per_rank] == predicted_bytes(steps)
+    assert [measured for _, _, _, measured in per_rank] == predicted_bytes(steps)
