@@ -85,15 +85,18 @@ def test_two_shards_hold_a_prompt_one_cannot(ray_session, loaded_model, tokenize
 def test_killed_shard_fails_in_flight_request_promptly_and_group_recovers(ray_session, loaded_model, prompts, reference):
     import ray
 
-    engine = build_engine(_config(2), loaded_model)
+    config = _config(2)
+    config.engine.max_seqs = 1  # one running sequence: "queued" waits in the queue while "doomed" runs
+    engine = build_engine(config, loaded_model)
     try:
         engine.add_request(Request("doomed", prompts[0], SamplingParams(max_tokens=200, min_tokens=200)))
         engine.add_request(Request("queued", prompts[1], SamplingParams(max_tokens=10, min_tokens=10)))
+        events = []
         for _ in range(3):
-            engine.step()
+            events += engine.step()
+        assert engine.stats()["waiting"] == 1 and not any(e.id == "queued" for e in events)
         ray.kill(engine.executor.actors[1], no_restart=True)
         started = time.monotonic()
-        events = []
         while not any(e.id == "doomed" and e.finished for e in events):
             events += engine.step()
         failed_after = time.monotonic() - started
@@ -101,6 +104,13 @@ def test_killed_shard_fails_in_flight_request_promptly_and_group_recovers(ray_se
         assert doomed.reason == FinishReason.ERROR and "shard" in doomed.error
         assert failed_after < 60  # bounded by the collective timeout, never a hang
         assert engine.executor.recoveries == 1
+        # the queue was kept: the request waiting at the kill runs on the recovered group, to the
+        # same tokens as one process
+        while engine.has_unfinished():
+            events += engine.step()
+        queued = [e for e in events if e.id == "queued"]
+        assert [e.token_id for e in queued if e.token_id is not None] == reference[1]
+        assert queued[-1].finished and queued[-1].reason == FinishReason.LENGTH
         [after] = engine.generate([prompts[2]], SamplingParams(max_tokens=10, min_tokens=10))
         assert after.token_ids == reference[2]
         assert engine.stats()["kv_blocks_used"] == 0
