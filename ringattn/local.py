@@ -194,7 +194,8 @@ def _flash_kernel(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, to
         _broken_kernels.add(kind)
         log.warning("flash-class attention unavailable for %s, using the exact path: %s", kind, error)
         return None
-    return out[0].transpose(0, 1).float(), lse[0, :, :t_q].transpose(0, 1).float()
+    # contiguous like the exact path's results: ring transports send these partials as they are
+    return out[0].transpose(0, 1).float().contiguous(), lse[0, :, :t_q].transpose(0, 1).float().contiguous()
 
 
 def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
