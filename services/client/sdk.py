@@ -1,8 +1,9 @@
 """Sync and asyncio clients for the Longbow gateway, with typed results.
 
 Only grpcio and protobuf are needed. UNAVAILABLE is retried with exponential backoff (a restarting
-replica); every other error surfaces as `LongbowError` carrying the gRPC status code. Streaming
-generation is an iterator; breaking out of it cancels the call, which aborts generation on the server.
+replica; `retry=RetryPolicy(...)` tunes it, `retry=None` turns it off); every other error surfaces as
+`LongbowError` carrying the gRPC status code. Streaming generation is an iterator; breaking out of it
+cancels the call, which aborts generation on the server.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -52,17 +53,30 @@ class GenerationChunk:
     request_id: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetryPolicy:
+    """How a call answered UNAVAILABLE is retried: `attempts` calls in all (1: no retries), waiting
+    initial_backoff_s before the second, doubling up to max_backoff_s, each wait scaled by a jitter
+    in [0.5, 1.5). Clients take `retry=DEFAULT_RETRY`; `retry=None` means no retries."""
+
     attempts: int = 4
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
 
-    def delays(self) -> Iterator[float]:
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError(f"attempts counts calls, so it is at least 1 (1 = no retries), not {self.attempts}")
+
+    def delays(self, uniform: Callable[[], float] = random.random) -> Iterator[float]:
+        """The waits before retries 1 .. attempts-1; `uniform` draws the jitter (tests pass a constant)."""
         delay = self.initial_backoff_s
         for _ in range(self.attempts - 1):
-            yield delay * (0.5 + random.random())  # jitter so replicas are not hit in lockstep
+            yield delay * (0.5 + uniform())  # jitter so replicas are not hit in lockstep
             delay = min(delay * 2, self.max_backoff_s)
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(attempts=1)
 
 
 def build_request(prompt=None, *, messages=None, token_ids=None, max_tokens=0, temperature=0.0, top_p=0.0,
@@ -105,12 +119,12 @@ class LongbowClient(RetrievalCalls, CodeAssistCalls, SessionCalls):
     """Blocking client. `with LongbowClient("host:port") as c: c.generate("Hi")`."""
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
-                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = None):
+                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY):
         self._channel = _open_channel(target, root_certificates, aio=False)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout_s, self.retry = timeout_s, retry or RetryPolicy()
+        self.timeout_s, self.retry = timeout_s, NO_RETRY if retry is None else retry
 
     def __enter__(self):
         return self
@@ -164,12 +178,12 @@ class AsyncLongbowClient(AsyncRetrievalCalls, AsyncCodeAssistCalls, AsyncSession
     """asyncio client with the same methods as LongbowClient (awaitable / async iterators)."""
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
-                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = None):
+                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY):
         self._channel = _open_channel(target, root_certificates, aio=True)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout_s, self.retry = timeout_s, retry or RetryPolicy()
+        self.timeout_s, self.retry = timeout_s, NO_RETRY if retry is None else retry
 
     async def __aenter__(self):
         return self

@@ -83,6 +83,32 @@ def test_deadline_exceeded_frees_kv(gateway):
     _assert_aborted_in_time(gateway, steps_before)
 
 
+def test_full_gateway_answers_resource_exhausted(loaded_model, tokenizer):
+    import time
+
+    full = RunningGateway(loaded_model, tokenizer, max_inflight=1)
+    try:
+        with LongbowClient(full.address, timeout_s=60) as client:
+            stream = client.generate_stream("Keep going.", max_tokens=LONG_TOKENS, min_tokens=LONG_TOKENS)
+            next(stream)  # the one generation slot is taken (the request cannot finish within the test)
+            with pytest.raises(LongbowError) as err:
+                client.generate("one more", max_tokens=2)
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.value.message
+            stream.close()
+            assert full.wait_until_idle(timeout=ABORT_BOUND_S)["kv_blocks_used"] == 0
+            # the slot is released as the cancelled call unwinds: poll (bounded) until a call gets it
+            deadline = time.monotonic() + ABORT_BOUND_S
+            while True:
+                try:
+                    assert client.generate("one more", max_tokens=2).completion_tokens >= 1
+                    break
+                except LongbowError as busy:
+                    assert busy.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.05)  # polling interval of the bounded wait
+    finally:
+        full.close()
+
+
 @pytest.mark.parametrize(
     "kwargs, code",
     [
