@@ -20,7 +20,7 @@ import torch
 
 from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
 from longbow.services.engine.model import AttentionBackend
-from longbow.services.engine.sampler import entropy_and_logprobs, new_generator, sample_row
+from longbow.services.engine.sampler import SamplingControls, entropy_and_logprobs, sample_batch
 from longbow.services.engine.types import SampledToken, SamplingParams, ScheduledChunk, StepPlan, StepResult
 from longbow.services.engine.weights import LoadedModel
 
@@ -222,48 +222,34 @@ class ModelRunner:
 
 class StepSampler:
     """Sampling parameters of every live request (from `StepPlan.new_requests`, forgotten on
-    `StepPlan.finished`) and the batched sampling of a step's logits."""
+    `StepPlan.finished`) and the batched sampling of a step's logits on their device (sampler.py):
+    one host-to-device copy of the controls, one device-to-host copy of the results."""
 
     def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str = "cpu"):
         self.eos, self.device = tuple(eos_token_ids), torch.device(device)
         self.params: dict[str, SamplingParams] = {}
-        self.generators: dict[str, torch.Generator] = {}
 
     def update(self, plan: StepPlan) -> None:
         for request_id in plan.finished:
             self.params.pop(request_id, None)
-            self.generators.pop(request_id, None)
-        for request_id, params in plan.new_requests.items():
-            self.params[request_id] = params
-            self.generators[request_id] = new_generator(params.seed, self.device)
+        self.params.update(plan.new_requests)
 
     def sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
                attention: dict[str, list[float]], result: StepResult) -> None:
         """Sample one token per chunk from logits [len(chunks), V]; results into `result`."""
         if not chunks:
             return
-        entropy, logprobs = entropy_and_logprobs(logits)  # [R], [R, V]
-        tokens = []
+        params = [self.params[c.request_id] for c in chunks]
+        # NOTE: the engine gives every request a seed at admission, so `seed` is never None here.
+        controls = SamplingControls.build(params, [p.seed for p in params], [c.num_generated for c in chunks],
+                                          self.eos, logits.device)
+        host = sample_batch(logits, controls).to_host()
         for row, chunk in enumerate(chunks):
-            try:
-                tokens.append(self._draw(chunk, logits[row]))
-            except Exception as exc:  # one request's bad distribution must not fail its batch-mates
-                result.failed[chunk.request_id] = f"sampling failed: {exc}"
-                tokens.append(0)
-        chosen = torch.tensor(tokens, dtype=torch.int64, device=logits.device)
-        picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)  # [R]
-        host = torch.stack([chosen.to(torch.float64), picked.double(), entropy.double()]).cpu().tolist()
-        for row, chunk in enumerate(chunks):
-            if chunk.request_id not in result.failed:
-                result.sampled[chunk.request_id] = SampledToken(
-                    tokens[row], host[1][row], host[2][row], attention.get(chunk.request_id))
-
-    def _draw(self, chunk: ScheduledChunk, logits: torch.Tensor) -> int:
-        params = self.params[chunk.request_id]
-        banned = ()
-        if chunk.num_generated < params.min_tokens:
-            banned = tuple(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos)))
-        return sample_row(logits, params, self.generators[chunk.request_id], banned)
+            if host.failed[row]:  # only this request fails; its batch-mates go on
+                result.failed[chunk.request_id] = "sampling failed: no token can be sampled (all banned or not finite)"
+                continue
+            result.sampled[chunk.request_id] = SampledToken(
+                host.token_ids[row], host.logprobs[row], host.entropies[row], attention.get(chunk.request_id))
 
     def finish(self, plan: StepPlan, output: ForwardOutput) -> StepResult:
         """Sample from per-request logits gathered from several shards (the shard group)."""
