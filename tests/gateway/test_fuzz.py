@@ -5,13 +5,21 @@ Property: every call ends OK or with a status that names the caller's mistake or
 never INTERNAL / UNKNOWN (a server bug) or UNAVAILABLE (a failed engine step); and afterwards the gateway
 still serves a normal request and the engine holds no KV. Each call has a short deadline so a fuzzed
 max_tokens cannot make the run slow: DEADLINE_EXCEEDED is an accepted answer.
+
+The examples come from a fixed seed (FUZZ_SEED, printed; set LONGBOW_FUZZ_SEED to explore others), and
+the properties are not only "no server bug": a stated share of generated requests must be answered OK
+(past validation, through the model), requests built only from valid values must never be refused,
+and broken bodies get exactly INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+
 import grpc
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 from longbow.v1 import generation_pb2 as gen_pb
@@ -20,16 +28,30 @@ from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.slow
 
+# NOTE: Generation has no NOT_FOUND or UNIMPLEMENTED answer to give: a fuzzed body meeting one is a bug.
 _EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
+             grpc.StatusCode.DEADLINE_EXCEEDED}
+FUZZ_SEED = int(os.environ.get("LONGBOW_FUZZ_SEED", "19"))
+# Shares of answers asserted below, with the fixed seed (measured on a loaded 2-core machine: see
+# docs/testing.md); DEADLINE_EXCEEDED on a slow machine is what keeps them below the measured values.
+MIN_OK_SHARE_GENERATE = 0.5
+MIN_OK_SHARE_SCORE_TOKENIZE = 0.5
 _DEADLINE_S = 3.0
 _METHODS = ("Generate", "GenerateStream", "Score", "Tokenize")
 _VOCAB = 49152  # SmolLM2; the strategies straddle it
 
 
 def _fuzz_settings(examples: int):
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    print(f"hypothesis seed {FUZZ_SEED} (LONGBOW_FUZZ_SEED)")  # shown with a failure's captured output
+
+    def apply(test):
+        return seed(FUZZ_SEED)(settings(max_examples=examples, deadline=None, database=None,
+                                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(test))
+    return apply
+
+
+def _share(codes: Counter, code: grpc.StatusCode) -> float:
+    return codes[code] / max(1, sum(codes.values()))
 
 
 # ---- strategies ---------------------------------------------------------------------------------
@@ -66,10 +88,13 @@ _FIELDS = {
 
 
 @st.composite
-def generate_requests(draw) -> gen_pb.GenerateRequest:
+def generate_requests(draw, with_validity: bool = False):
+    """A GenerateRequest; with_validity: (request, valid) where valid means every field was drawn from
+    its plausible range and min_tokens <= max_tokens, so the server has no reason to refuse it."""
     wild = draw(st.sets(st.sampled_from(sorted(_FIELDS)), max_size=3))
     field = {name: draw(pair[name in wild]) for name, pair in _FIELDS.items()}
     request = gen_pb.GenerateRequest(request_id=field["request_id"])
+    valid = not wild and field["min_tokens"] <= field["max_tokens"]
     if field["input"] == "prompt":
         request.prompt = field["prompt"]
     elif field["input"] == "chat":
@@ -85,7 +110,7 @@ def generate_requests(draw) -> gen_pb.GenerateRequest:
             top_p=field["top_p"], top_k=field["top_k"], seed=field["seed"], stop=field["stop"],
             stop_token_ids=field["stop_token_ids"], logprobs=draw(st.booleans()),
             ignore_eos=draw(st.booleans())))
-    return request
+    return (request, valid) if with_validity else request
 
 
 @st.composite
@@ -161,22 +186,35 @@ def _assert_still_serving(gateway) -> None:
 
 # ---- properties -----------------------------------------------------------------------------------
 def test_fuzzed_generate_requests(channel, gateway):
+    codes = Counter()
+
     @_fuzz_settings(examples=45)
-    @given(request=generate_requests(), method=st.sampled_from(["Generate", "GenerateStream"]))
-    def check(request, method):
-        _assert_expected(channel, method, request.SerializeToString())
+    @given(drawn=generate_requests(with_validity=True), method=st.sampled_from(["Generate", "GenerateStream"]))
+    def check(drawn, method):
+        request, valid = drawn
+        code = _assert_expected(channel, method, request.SerializeToString())
+        codes[code] += 1
+        if valid:  # a request of valid values is answered, or runs out of its short deadline
+            assert code in {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}, (code, request)
 
     check()
+    print(f"seed {FUZZ_SEED}: {dict((c.name, n) for c, n in codes.items())}")
+    assert _share(codes, grpc.StatusCode.OK) >= MIN_OK_SHARE_GENERATE, codes
+    assert codes[grpc.StatusCode.INVALID_ARGUMENT] > 0, codes  # and wild values met validation
     _assert_still_serving(gateway)
 
 
 def test_fuzzed_score_and_tokenize_requests(channel, gateway):
+    codes = Counter()
+
     @_fuzz_settings(examples=10)
     @given(call=score_or_tokenize_requests())
     def check(call):
-        _assert_expected(channel, *call)
+        codes[_assert_expected(channel, *call)] += 1
 
     check()
+    print(f"seed {FUZZ_SEED}: {dict((c.name, n) for c, n in codes.items())}")
+    assert _share(codes, grpc.StatusCode.OK) >= MIN_OK_SHARE_SCORE_TOKENIZE, codes
     _assert_still_serving(gateway)
 
 
@@ -196,6 +234,7 @@ def test_random_bytes_as_request_body(channel, gateway):
     @_fuzz_settings(examples=25)
     @given(body=st.binary(max_size=200), method=st.sampled_from(_METHODS))
     def check(body, method):
+        # random bytes either parse to some request (then any expected answer) or are INVALID_ARGUMENT
         _assert_expected(channel, method, body)
 
     check()

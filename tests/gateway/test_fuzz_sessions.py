@@ -4,14 +4,18 @@
 Properties: every call ends OK or with INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED /
 DEADLINE_EXCEEDED, never INTERNAL or UNKNOWN; after every accepted edit the server's token count equals
 a fresh tokenization of the text the client expects (edits are applied exactly, refused edits change
-nothing); closing frees every KV block.
+nothing); an edit outside the text is INVALID_ARGUMENT exactly; closing frees every KV block. The seed
+is fixed (FUZZ_SEED, printed; LONGBOW_FUZZ_SEED explores others) and a stated share of the edits drawn
+must be accepted, so the run exercises applied edits, not only refusals.
 """
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from longbow.services.client.sdk import Edit, LongbowClient, LongbowError
@@ -20,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 _EXPECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.DEADLINE_EXCEEDED}
+FUZZ_SEED = int(os.environ.get("LONGBOW_FUZZ_SEED", "19"))
+MIN_ACCEPTED_SHARE = 0.3  # of all edits drawn; measured with seed 19 in docs/testing.md
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=30)
 _CODE = st.sampled_from(["def f(x):\n    return x\n", "print('héllo 😀')\n", "", "\t\n", "a = [1, 2]\n"])
 
@@ -31,9 +37,22 @@ def edits(draw, length_hint: int):
     return Edit(max(start, 0), max(end, 0), draw(st.one_of(_TEXT, _CODE))), start < 0 or end < 0
 
 
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_sessions_survive_random_edits(gateway, tokenizer, data):
+def test_sessions_survive_random_edits(gateway, tokenizer):
+    print(f"hypothesis seed {FUZZ_SEED} (LONGBOW_FUZZ_SEED)")
+    outcomes = {"accepted": 0, "refused": 0}
+
+    @seed(FUZZ_SEED)
+    @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def check(data):
+        _random_session(gateway, tokenizer, data, outcomes)
+
+    check()
+    print(f"seed {FUZZ_SEED}: {outcomes}")
+    assert outcomes["accepted"] >= MIN_ACCEPTED_SHARE * sum(outcomes.values()), outcomes
+
+
+def _random_session(gateway, tokenizer, data, outcomes: dict[str, int]) -> None:
     with LongbowClient(gateway.address, timeout_s=10) as client:
         text = data.draw(st.one_of(_TEXT, _CODE))
         session = client.open_session(text)
@@ -43,9 +62,13 @@ def test_sessions_survive_random_edits(gateway, tokenizer, data):
                 try:
                     result = client.apply_edits(session, [edit])
                 except LongbowError as exc:
+                    outcomes["refused"] += 1
                     assert exc.code in _EXPECTED, exc
-                    assert not (0 <= edit.start <= edit.end <= len(text)) or exc.code != grpc.StatusCode.INVALID_ARGUMENT
+                    inside = 0 <= edit.start <= edit.end <= len(text)
+                    assert (exc.code != grpc.StatusCode.INVALID_ARGUMENT) if inside else (
+                        exc.code == grpc.StatusCode.INVALID_ARGUMENT), (exc, edit, len(text))
                     continue
+                outcomes["accepted"] += 1
                 assert 0 <= edit.start <= edit.end <= len(text)
                 text = text[:edit.start] + edit.text + text[edit.end:]
                 assert result.tokens == len(tokenizer(text, add_special_tokens=False).input_ids)
