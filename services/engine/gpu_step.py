@@ -52,12 +52,13 @@ class StepPagedAttention(AttentionBackend):
         self.group, self.num_kv_heads = args.n_heads // args.n_kv_heads, args.n_kv_heads
         self.scale = 1.0 / math.sqrt(args.head_dim)
 
-    def prepare_step(self, meta: LocalStepMeta, row_start: np.ndarray, kv_start: np.ndarray) -> KernelStepMeta:
+    def prepare(self, meta: LocalStepMeta) -> KernelStepMeta:
         """The kernel's view of a step: int32 slot lists and the tile plan, moved to the device once."""
         self.cache.positions[meta.slots] = meta.positions
         device = meta.positions.device
-        plan = kernels.plan_tiles(row_start, kv_start, group_size=self.group, num_kv_heads=self.num_kv_heads)
-        q_lens, kv_lens = np.diff(row_start), np.diff(kv_start)
+        plan = kernels.plan_tiles(meta.row_start, meta.kv_start, group_size=self.group,
+                                  num_kv_heads=self.num_kv_heads)
+        q_lens, kv_lens = np.diff(meta.row_start), np.diff(meta.kv_start)
         return KernelStepMeta(
             meta.slots, meta.positions, meta.segments, meta.attention_rows,
             kv_slots32=torch.cat([s.kv_slots for s in meta.segments]).to(torch.int32) if meta.segments
@@ -66,9 +67,6 @@ class StepPagedAttention(AttentionBackend):
             max_kv_len=int(kv_lens.max(initial=0)),
             attention_requests=[s for s in meta.segments if s.want_attention],
         )
-
-    def prepare(self, meta) -> None:
-        """Everything was prepared by prepare_step (the runner calls it with the step's offsets)."""
 
     def attend(self, layer, q, k, v, meta: KernelStepMeta) -> torch.Tensor:
         cache = self.cache

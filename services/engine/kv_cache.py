@@ -78,6 +78,8 @@ class LocalStepMeta:
     segments: list[Segment]
     attention_rows: dict[str, torch.Tensor]  # filled at the last layer: request id -> [Tk] probs
     decode_batch: DecodeBatch | None = None
+    row_start: np.ndarray | None = None  # [B + 1] host: segment b owns rows row_start[b]:row_start[b + 1]
+    kv_start: np.ndarray | None = None  # [B + 1] host: segment b's keys, offsets into the concatenated lists
 
 
 class LocalPagedAttention(AttentionBackend):
@@ -91,7 +93,7 @@ class LocalPagedAttention(AttentionBackend):
     def __init__(self, cache: PagedKVCache, n_layers: int):
         self.cache, self.last_layer = cache, n_layers - 1
 
-    def prepare(self, meta: LocalStepMeta) -> None:
+    def prepare(self, meta: LocalStepMeta) -> LocalStepMeta:
         """Once per step: store positions, and per request the causal mask and slot range all layers share."""
         self.cache.positions[meta.slots] = meta.positions
         decodes = []
@@ -113,6 +115,7 @@ class LocalPagedAttention(AttentionBackend):
             if q_pos.numel() and k_pos.numel() and int(k_pos.max()) > int(q_pos.min()):
                 seg.visible = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [Tq, Tk]
         meta.decode_batch = self._decode_batch(decodes, meta.positions.device)
+        return meta
 
     def _decode_batch(self, decodes: list[Segment], device) -> DecodeBatch | None:
         if len(decodes) < 2 or any(seg.host_kv_slots is None for seg in decodes):

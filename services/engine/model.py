@@ -68,11 +68,16 @@ class ModelArgs:
 class AttentionBackend(ABC):
     """Where attention happens and where KV lives.
 
-    Contract: `attend(layer, q, k, v, meta)` receives the step's new tokens' q [T, Hq, D] and k, v
-    [T, Hkv, D] (already rotated to their positions), stores k/v as `meta` says, and returns each new
-    token's attention output [T, Hq, D] over every key of its own request with key_pos <= query_pos.
-    `meta` is the backend's own per-step object; the model passes it through untouched.
+    Contract: `prepare(meta)` runs once per step before the forward pass; it stores what every layer
+    shares (the new tokens' position ids, masks, a kernel's tile plan) and returns the meta the layers
+    receive (the same object, or a richer one). `attend(layer, q, k, v, meta)` receives the step's new
+    tokens' q [T, Hq, D] and k, v [T, Hkv, D] (already rotated to their positions), stores k/v as `meta`
+    says, and returns each new token's attention output [T, Hq, D] over every key of its own request with
+    key_pos <= query_pos. `meta` is the backend's own per-step object; the model passes it through untouched.
     """
+
+    def prepare(self, meta: Any) -> Any:
+        return meta
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor: ...

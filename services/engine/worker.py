@@ -159,12 +159,7 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, StepInputs, LocalStepMeta]:
         """The forward pass: logits [R, V] fp32 of the step's logit rows (see StepInputs.logit_start)."""
         inputs = build_step_inputs(plan, self.layout, self.shard, self.device)
-        meta = self._meta(plan, inputs)
-        prepare_step = getattr(self.backend, "prepare_step", None)
-        if prepare_step is not None:  # the step kernel plans the whole step at once
-            meta = prepare_step(meta, inputs.row_start, inputs.kv_start)
-        else:
-            self.backend.prepare(meta)
+        meta = self.backend.prepare(self._meta(plan, inputs))
         logits = self.model(inputs.token_ids, inputs.positions, self.backend, meta, inputs.logit_rows)  # [R, V]
         return logits, inputs, meta
 
@@ -217,7 +212,7 @@ class ModelRunner:
                     host_kv_slots=inputs.host_kv_slots[b], in_order=bool(inputs.kv_in_order[b]))
             for b, c in enumerate(plan.chunks)
         ]
-        return LocalStepMeta(inputs.slots, inputs.positions, segments, {})
+        return LocalStepMeta(inputs.slots, inputs.positions, segments, {}, row_start=row, kv_start=kv)
 
 
 class StepSampler:

@@ -53,8 +53,9 @@ class ShardedPagedAttention(LocalPagedAttention):
         self.schedules[request_id] = name
         self.schedule_counts[name] = self.schedule_counts.get(name, 0) + 1
 
-    def prepare(self, meta: LocalStepMeta) -> None:
+    def prepare(self, meta: LocalStepMeta) -> LocalStepMeta:
         self.cache.positions[meta.slots] = meta.positions
+        return meta
 
     def attend(self, layer, q, k, v, meta: LocalStepMeta) -> torch.Tensor:
         cache = self.cache
