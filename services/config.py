@@ -117,8 +117,10 @@ class SessionsConfig:
     max_idle_timeout_s: float = 3600.0  # the most a client may ask for (issue 16: 4294967295 held KV forever)
     max_sessions_per_client: int = 8
     max_sessions: int = 64
-    max_document_tokens: int = 16384
+    max_document_tokens: int = 16384  # tokens per session
     drift_budget_tokens: int = 512  # tokens changed since the last full encode before a re-encode
+    max_kv_fraction: float = 0.5  # of the KV cache, held by all sessions together; requests keep the rest
+    evict_idle_after_s: float = 30.0  # untouched this long: evicted (least recently used) when KV is needed
 
 
 @dataclass

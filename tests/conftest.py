@@ -34,20 +34,23 @@ def hf_model(loaded_model):
 class RunningGateway:
     """A real gateway on 127.0.0.1 (free port), its own asyncio loop on a thread, the real model."""
 
-    def __init__(self, loaded_model, tokenizer, store_url: str = "", sections: dict | None = None, **gateway_overrides):
+    def __init__(self, loaded_model, tokenizer, store_url: str = "", sections: dict | None = None, engine_config=None,
+                 **gateway_overrides):
         import asyncio
         import tempfile
         import threading
 
         from longbow.services.config import EngineConfig, GatewayConfig, LongbowConfig, RagConfig
-        from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+        from longbow.services.engine.engine import AsyncLLMEngine
+        from longbow.services.replica import build_engine
 
         gateway = GatewayConfig(port=0, metrics_port=0, **gateway_overrides)
         self._data_dir = tempfile.TemporaryDirectory(prefix="longbow-gw-")
         rag = RagConfig(store_url=store_url, data_dir=self._data_dir.name)
-        self.config = LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=256),
+        engine_config = engine_config or EngineConfig(token_budget=128, block_size=16, num_blocks=256)
+        self.config = LongbowConfig(engine=engine_config,
                                     gateway=gateway, rag=rag, **(sections or {}))  # sections: e.g. code=...
-        self.engine = AsyncLLMEngine(LLMEngine(self.config, loaded_model))
+        self.engine = AsyncLLMEngine(build_engine(self.config, loaded_model))  # engine.shards > 0: Ray actors
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()

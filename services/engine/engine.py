@@ -117,14 +117,15 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.plan()
+        refused = self.scheduler.take_refused()  # KV held outside requests (sessions) that was not given back
         if not plan.chunks:
-            return []
+            return refused
         try:
             result = self.executor.execute(plan)
         except EngineError as exc:
-            return self._fail_running(exc)
+            return refused + self._fail_running(exc)
         self.steps += 1
-        return self.scheduler.update(plan, result)
+        return refused + self.scheduler.update(plan, result)
 
     def _fail_running(self, error: EngineError) -> list[TokenEvent]:
         """A lost shard lost the KV of every running request: fail those (retriable), keep the queue."""
@@ -186,6 +187,13 @@ class LLMEngine:
                 f"{self.scheduler.pool.num_blocks * cfg.block_size} tokens")
         if request.id in self.scheduler.sequences:
             raise InvalidRequestError(f"request id {request.id!r} is already in use")
+        # NOTE: KV held outside requests (edit sessions, `scheduler.kv_reclaimer`) can starve a request that
+        # fits the cache: fail now (RESOURCE_EXHAUSTED) rather than let it wait silently to its deadline.
+        if not self.scheduler.could_admit(blocks_for(len(ids), cfg.block_size)):
+            raise CapacityError(
+                f"KV cache: {len(ids)} prompt tokens need {blocks_for(len(ids), cfg.block_size)} blocks but "
+                f"{self.scheduler.kv_blocks_held_outside} of {self.scheduler.pool.num_blocks} are held by edit "
+                f"sessions in use; retry later")
         if len(self.scheduler.waiting) >= cfg.max_queue:
             raise CapacityError(f"engine queue is full ({cfg.max_queue} waiting requests)")
 
@@ -225,6 +233,9 @@ class AsyncLLMEngine:
                 if event.reason == FinishReason.ERROR:
                     finished = True
                     raise EngineError(event.error or "request failed")
+                if event.reason == FinishReason.REFUSED:
+                    finished = True
+                    raise CapacityError(event.error or "KV cache is held by edit sessions")
                 yield event
                 if event.finished:
                     finished = True

@@ -6,12 +6,18 @@ fixed token budget every step: decodes first, then prompt chunks in arrival orde
 split to fill the budget exactly; its remainder runs first next step). A prompt is admitted only when
 KV for all of it fits; when a decode needs a block and none is free, the newest request holding KV is
 preempted (blocks freed, recomputed later from prompt + generated tokens).
+
+KV held outside requests (PIE documents of edit sessions, pie.py) is asked back through one hook,
+`Scheduler.kv_reclaimer`, when the head of the queue does not fit; a request that cannot fit even once every
+running request has finished (the rest of the cache is held outside requests and not given back) is
+refused at once (FinishReason.REFUSED) instead of waiting for KV that may never come.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from longbow.services.engine.errors import UnknownRequestError
@@ -58,6 +64,9 @@ class BlockPool:
 
     def could_ever_hold(self, n: int) -> bool:
         return max(self.demand(n)) <= self.blocks_per_shard
+
+    def free_per_shard(self) -> list[int]:
+        return [len(f) for f in self._free]
 
     def allocate(self, n: int, start: int = 0) -> list[int]:
         assert self.can_allocate(n, start), "caller must check can_allocate"
@@ -124,6 +133,11 @@ class Scheduler:
         # What the executor has not been told yet; handed over with the next plan that has chunks.
         self._unannounced: dict[str, SamplingParams] = {}
         self._finished_since_plan: list[str] = []
+        # The one hook to KV held outside requests: kv_reclaimer(blocks wanted) -> blocks freed. Called on
+        # the engine thread, mid-schedule: it may only release blocks to the pool (no model pass, no
+        # executor call). SessionManager sets it (idle sessions evicted least-recently-used).
+        self.kv_reclaimer: Callable[[int], int] | None = None
+        self._refused: list[TokenEvent] = []
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -152,6 +166,25 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def could_admit(self, needed: int) -> bool:
+        """Whether a request of `needed` blocks gets its KV once every running request has finished, after
+        asking the kv_reclaimer for what is missing. False: the rest is held outside requests and kept."""
+        if self._fits_beside_held(needed):
+            return True
+        if self.kv_reclaimer is not None:
+            self.kv_reclaimer(max(1, needed - self.pool.num_free - sum(len(s.blocks) for s in self.running)))
+        return self._fits_beside_held(needed)
+
+    def take_refused(self) -> list[TokenEvent]:
+        """Requests refused at admission since the last call (their KV is held outside requests)."""
+        refused, self._refused = self._refused, []
+        return refused
+
+    @property
+    def kv_blocks_held_outside(self) -> int:
+        """Blocks neither free nor held by a request (PIE documents)."""
+        return self.kv_blocks_used - sum(len(s.blocks) for s in self.running)
 
     @property
     def kv_blocks_used(self) -> int:
@@ -231,15 +264,36 @@ class Scheduler:
             self._finished_since_plan.append(seq.request_id)
 
     def _admit(self, seq: Sequence) -> bool:
-        """Move the head of the queue to running if KV for its whole remaining prompt fits."""
+        """Move the head of the queue to running if KV for its whole remaining prompt fits (asking the
+        kv_reclaimer when it does not); refuse it when it never could."""
         needed = blocks_for(len(seq.all_ids), self.block_size)
-        if not self.pool.can_allocate(needed) or len(self.running) >= self.max_seqs:
+        if len(self.running) >= self.max_seqs:
+            return False
+        if not self.pool.can_allocate(needed) and self.kv_reclaimer is not None:
+            self.kv_reclaimer(max(1, needed - self.pool.num_free))
+        if not self.pool.can_allocate(needed):
+            if not self.could_admit(needed):
+                self._refuse(seq, needed)
             return False
         self.waiting.popleft()
         seq.blocks = self.pool.allocate(needed)
         seq.status = Status.RUNNING
         self.running.append(seq)
         return True
+
+    def _fits_beside_held(self, needed: int) -> bool:
+        room = self.pool.free_per_shard()
+        for seq in self.running:
+            for block in seq.blocks:
+                room[self.pool.shard_of(block)] += 1
+        return all(want <= have for want, have in zip(self.pool.demand(needed), room))
+
+    def _refuse(self, seq: Sequence, needed: int) -> None:
+        self._finish(seq)
+        self._refused.append(TokenEvent(
+            seq.request_id, None, finished=True, reason=FinishReason.REFUSED,
+            error=f"KV cache: the request needs {needed} blocks but {self.kv_blocks_held_outside} of "
+                  f"{self.pool.num_blocks} are held by edit sessions in use; retry later"))
 
     def _ensure_decode_slot(self, seq: Sequence, plan_ids: set[str], preempted: list[str]) -> bool:
         """Make room for seq's next token, preempting the newest KV holders if needed."""

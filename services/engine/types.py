@@ -57,6 +57,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos or a stop token
     ABORT = "abort"  # cancelled by the caller
     ERROR = "error"  # the worker failed
+    REFUSED = "refused"  # never admitted: the KV it needs is held outside requests (CapacityError)
 
 
 @dataclass

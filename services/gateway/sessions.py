@@ -3,6 +3,8 @@
 The SessionManager lives on the engine thread (its KV is the engine's); every call goes through
 `AsyncLLMEngine.call`. A drift re-encode is queued behind the reply so ApplyEdits answers first.
 Clients are told apart by the `x-client-id` metadata, else by their peer address (per-client limits).
+Budgets and eviction live in the SessionManager (services/text/sessions.py); an evicted or expired session's
+next call is NOT_FOUND saying why, through the one error interceptor (errors.py).
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ become KV updates (pie.py). Every method runs on the engine thread (through `Asy
 sessions share the engine's KV blocks with requests. Idle sessions expire and free their KV; a drift
 budget (tokens changed since the last full encode) marks a session for a re-encode, which the caller
 runs after answering (the gateway queues it behind the reply).
+
+Budgets (issue 16): tokens per session (`max_document_tokens`), sessions per client and in all, an idle
+timeout a client cannot raise past `max_idle_timeout_s`, and the KV all sessions hold together
+(`max_kv_fraction` of the cache; requests always keep the rest). Sessions untouched for
+`evict_idle_after_s` are evicted least-recently-used when KV is needed: by a new or growing session over the
+budget, or by a request the engine cannot admit (the manager is the scheduler's `kv_reclaimer`). The next
+call on an evicted session is UnknownRequestError (NOT_FOUND) saying so; sessions in use keep their KV, and
+a request that cannot fit beside them fails at once with CapacityError (engine.py).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,11 +30,14 @@ from longbow.services.text.edits import TokenizedText, apply_edit
 from longbow.services.engine.engine import LLMEngine
 from longbow.services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
 from longbow.services.engine.pie import DocumentKV, UpdateMode
+from longbow.services.engine.scheduler import blocks_for
 
 log = logging.getLogger(__name__)
 
 MAX_PREDICT_TOKENS = 256
 LINE_TOKENS = 64  # a "rest of the line" prediction stops here if no newline came
+REMEMBERED_ENDINGS = 4096  # why recently closed sessions ended, for the NOT_FOUND of their next call
+EVICTED = "evicted to free KV"
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,10 @@ class SessionManager:
         self._ids = itertools.count()
         self.eos = set(engine.loaded.args.eos_token_ids)
         self._vocabulary: dict[str, list[tuple[int, str]]] | None = None  # first character -> (id, text)
+        self.evictions = 0
+        self._endings: OrderedDict[str, str] = OrderedDict()  # session id -> why it ended (bounded)
+        # NOTE: one reclaimer per engine: the latest manager built on an engine answers its KV requests.
+        engine.scheduler.kv_reclaimer = self.reclaim
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def open(self, text: str, client: str = "", idle_timeout_s: float = 0.0,
@@ -76,6 +92,7 @@ class SessionManager:
         self._check_limits(client)
         document = TokenizedText.of(self.tokenizer, text)
         self._check_size(len(document.token_ids))
+        self._make_room(self._blocks_for(len(document.token_ids)))
         kv = DocumentKV.for_engine(self.engine)
         try:
             kv.encode(list(document.token_ids))
@@ -95,6 +112,7 @@ class SessionManager:
         speculatively or to compare update modes on the same starting point."""
         source = self._get(session_id)
         self._check_limits(source.client)
+        self._make_room(len(source.kv.blocks), keep=source)
         kv = source.kv.fork()
         session_id = f"s{next(self._ids)}-{secrets.token_hex(6)}"
         session = Session(session_id, source.client, source.document, kv, source.idle_timeout_s, self.clock(),
@@ -102,19 +120,46 @@ class SessionManager:
         self.sessions[session_id] = session
         return session
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str, reason: str = "closed") -> None:
         session = self.sessions.pop(session_id, None)
         if session is None:
             raise UnknownRequestError(f"unknown session {session_id!r} (closed or expired)")
         session.kv.release()
+        self._endings[session_id] = reason
+        while len(self._endings) > REMEMBERED_ENDINGS:
+            self._endings.popitem(last=False)
 
     def expire(self) -> list[str]:
         """Close sessions idle longer than their timeout; returns their ids."""
         now = self.clock()
         gone = [s.session_id for s in self.sessions.values() if now - s.last_used > s.idle_timeout_s]
         for session_id in gone:
-            self.close(session_id)
+            self.close(session_id, f"expired after {self.sessions[session_id].idle_timeout_s:g} s idle")
         return gone
+
+    def reclaim(self, wanted_blocks: int, keep: Session | None = None) -> int:
+        """Evict idle sessions (untouched for `evict_idle_after_s`), least recently used first, until
+        `wanted_blocks` are freed or none is left; returns the blocks freed. The scheduler's kv_reclaimer:
+        runs on the engine thread and only releases blocks."""
+        now, freed = self.clock(), 0
+        idle = [s for s in self.sessions.values()
+                if s is not keep and now - s.last_used >= self.config.evict_idle_after_s]
+        for session in sorted(idle, key=lambda s: s.last_used):
+            if freed >= wanted_blocks:
+                break
+            freed += len(session.kv.blocks)
+            self.close(session.session_id, EVICTED)
+            self.evictions += 1
+            log.info("session %s evicted to free KV (%d blocks wanted)", session.session_id, wanted_blocks)
+        return freed
+
+    @property
+    def kv_blocks_held(self) -> int:
+        return sum(len(s.kv.blocks) for s in self.sessions.values())
+
+    @property
+    def kv_budget_blocks(self) -> int:
+        return int(self.config.max_kv_fraction * self.engine.scheduler.pool.num_blocks)
 
     def close_all(self) -> None:
         for session_id in list(self.sessions):
@@ -126,6 +171,8 @@ class SessionManager:
         validation: a bad edit anywhere is refused before any KV changes."""
         session = self._get(session_id)
         planned = self._plan(session.document, edits)
+        if planned:
+            self._make_room(self._blocks_for(len(planned[-1].after.token_ids)) - len(session.kv.blocks), keep=session)
         began, encoded = time.perf_counter(), 0
         try:
             for edit in planned:
@@ -135,10 +182,13 @@ class SessionManager:
                 session.edits_since_encode += 1
         except CapacityError:
             # The KV filled up halfway through an update: what is cached no longer matches any text.
-            self.close(session_id)
+            self.close(session_id, "closed: the KV cache filled up during an edit")
             raise CapacityError("KV cache is full: the edits could not be applied and the session was "
                                 "closed (its KV freed); open it again later") from None
         session.document = planned[-1].after if planned else session.document
+        # NOTE: the estimate above ignores the slots an edit leaves free inside the document's blocks; trim
+        # other idle sessions if the document grew past it (best effort: it has its KV already).
+        self._make_room(0, keep=session, strict=False)
         due = session.mode == UpdateMode.PIE and session.changed_since_encode > self.config.drift_budget_tokens
         return EditOutcome(len(session.document.token_ids), encoded, time.perf_counter() - began, due)
 
@@ -201,6 +251,9 @@ class SessionManager:
     def _get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
+            ending = self._endings.get(session_id)
+            if ending is not None:
+                raise UnknownRequestError(f"session {session_id!r} was {ending}; open it again")
             raise UnknownRequestError(f"unknown session {session_id!r} (closed or expired)")
         session.last_used = self.clock()
         return session
@@ -222,9 +275,25 @@ class SessionManager:
             raise CapacityError(f"this client has {mine} open sessions (limit {self.config.max_sessions_per_client})")
 
     def _check_size(self, tokens: int) -> None:
-        limit = min(self.config.max_document_tokens, self.engine.max_model_len)
+        budget_tokens = self.kv_budget_blocks * self.engine.config.engine.block_size
+        limit = min(self.config.max_document_tokens, self.engine.max_model_len, budget_tokens)
         if tokens > limit:
             raise PromptTooLongError(f"document of {tokens} tokens exceeds the session limit of {limit}")
+
+    def _blocks_for(self, tokens: int) -> int:
+        return blocks_for(tokens, self.engine.config.engine.block_size)
+
+    def _make_room(self, more_blocks: int, keep: Session | None = None, strict: bool = True) -> None:
+        """Keep all sessions' KV within the budget with `more_blocks` added: evict idle sessions (LRU),
+        else CapacityError (strict) naming the budget."""
+        over = self.kv_blocks_held + more_blocks - self.kv_budget_blocks
+        if over > 0:
+            self.reclaim(over, keep)
+        held = self.kv_blocks_held
+        if strict and held + more_blocks > self.kv_budget_blocks:
+            raise CapacityError(
+                f"edit sessions hold {held} of their {self.kv_budget_blocks} KV blocks (sessions.max_kv_fraction = "
+                f"{self.config.max_kv_fraction:g} of the cache) and are in use; {more_blocks} more needed, retry later")
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

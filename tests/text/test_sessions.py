@@ -10,7 +10,7 @@ from longbow.services.engine.engine import LLMEngine
 from longbow.services.engine.errors import CapacityError, InvalidRequestError, PromptTooLongError, UnknownRequestError
 from longbow.services.engine.pie import UpdateMode
 from longbow.services.text.sessions import SessionManager, TextEdit
-from longbow.services.engine.types import SamplingParams
+from longbow.services.engine.types import FinishReason, Request, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -150,10 +150,108 @@ def test_a_client_idle_timeout_is_capped_by_the_server(engine, tokenizer, clock)
 
 def test_an_edit_that_overflows_the_cache_closes_the_session(loaded_model, tokenizer):
     small = LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=64, block_size=16, num_blocks=4)), loaded_model)
-    manager = SessionManager(small, tokenizer, SessionsConfig())
+    manager = SessionManager(small, tokenizer, SessionsConfig(max_kv_fraction=1.0))  # the cache, not the budget, fills
     session = manager.open("def f(x):\n    return x + 1\n")
+    small.add_request(Request("holder", list(range(100, 148)), SamplingParams(max_tokens=8)))
+    small.step()  # a request holds the other 3 blocks
+    assert small.scheduler.pool.num_free == 0
     with pytest.raises(CapacityError, match="session was closed"):
-        manager.apply_edits(session.session_id, [TextEdit(0, 0, "y = [1, 2, 3]\n" * 12)])
-    with pytest.raises(UnknownRequestError):
+        manager.apply_edits(session.session_id, [TextEdit(0, 0, "y = [1, 2, 3]\n" * 2)])
+    with pytest.raises(UnknownRequestError, match="KV cache filled up during an edit"):
         manager.predict(session.session_id, 0)
+    small.abort("holder")
     assert small.scheduler.pool.num_free == 4
+
+
+# ---- budgets: the KV all sessions hold, eviction when KV is needed, failing fast (issue 16, item 3) ------
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
+
+
+def _document(tokenizer, tokens: int) -> str:
+    """A text of exactly `tokens` tokens."""
+    ids = tokenizer((WORDS + " ") * (tokens // 10 + 2), add_special_tokens=False).input_ids[:tokens]
+    text = tokenizer.decode(ids)
+    assert len(tokenizer(text, add_special_tokens=False).input_ids) == tokens
+    return text
+
+
+@pytest.fixture
+def small_engine(loaded_model):
+    """32 blocks of 16: a 512-token cache."""
+    return LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=32)), loaded_model)
+
+
+def _budgeted(small_engine, tokenizer, clock, fraction: float) -> SessionManager:
+    config = SessionsConfig(max_kv_fraction=fraction, evict_idle_after_s=10, idle_timeout_s=4294967295,
+                            max_idle_timeout_s=4294967295)  # the issue's "forever": only the budgets bound them
+    return SessionManager(small_engine, tokenizer, config, clock)
+
+
+def test_sessions_stay_within_their_kv_budget(small_engine, tokenizer, clock):
+    manager = _budgeted(small_engine, tokenizer, clock, fraction=0.5)  # 16 of 32 blocks
+    a, b = manager.open(_document(tokenizer, 100)), manager.open(_document(tokenizer, 100))  # 7 blocks each
+    assert manager.kv_blocks_held == 14 and manager.kv_budget_blocks == 16
+    with pytest.raises(CapacityError, match="max_kv_fraction"):  # both in use: nothing to evict
+        manager.open(_document(tokenizer, 40))
+    with pytest.raises(PromptTooLongError):  # more than the whole budget: never
+        manager.open(_document(tokenizer, 16 * 16 + 1))
+    clock.now += 11
+    manager.predict(b.session_id, 0, max_tokens=1)  # b is in use again, a is idle
+    c = manager.open(_document(tokenizer, 40))
+    assert list(manager.sessions) == [b.session_id, c.session_id] and manager.kv_blocks_held <= 16
+    with pytest.raises(UnknownRequestError, match="evicted to free KV"):
+        manager.predict(a.session_id, 0, max_tokens=1)
+    manager.close_all()
+    assert small_engine.scheduler.kv_blocks_used == 0
+
+
+def test_a_request_evicts_idle_sessions_least_recently_used(small_engine, tokenizer, clock):
+    manager = _budgeted(small_engine, tokenizer, clock, fraction=0.75)
+    old, middle, recent = (manager.open(_document(tokenizer, 100)) for _ in range(3))  # 21 blocks held, 11 free
+    clock.now += 11
+    manager.predict(recent.session_id, 0, max_tokens=1)  # in use: never evicted for a request
+    prompt = tokenizer((WORDS + " ") * 40, add_special_tokens=False).input_ids[:250]  # 16 blocks
+    small_engine.add_request(Request("needs-kv", prompt, SamplingParams(max_tokens=4, min_tokens=4)))
+    events = [e for _ in range(8) for e in small_engine.step()]  # 2 prompt chunks + 3 decodes, bounded
+    assert [e.token_id is not None for e in events] == [True] * 4 and events[-1].reason == FinishReason.LENGTH
+    assert list(manager.sessions) == [middle.session_id, recent.session_id]  # only as many as needed
+    assert manager.evictions == 1
+    with pytest.raises(UnknownRequestError, match="evicted to free KV"):
+        manager.apply_edits(old.session_id, [TextEdit(0, 0, "x")])
+    assert manager.predict(middle.session_id, 0, max_tokens=1) is not None
+    manager.close_all()
+    assert small_engine.scheduler.kv_blocks_used == 0
+
+
+def test_a_request_that_cannot_fit_beside_sessions_in_use_fails_at_once(small_engine, tokenizer, clock):
+    manager = _budgeted(small_engine, tokenizer, clock, fraction=0.75)
+    sessions = [manager.open(_document(tokenizer, 100)) for _ in range(3)]
+    prompt = tokenizer((WORDS + " ") * 40, add_special_tokens=False).input_ids[:250]
+    steps, used = small_engine.steps, small_engine.scheduler.kv_blocks_used
+    with pytest.raises(CapacityError, match="held by edit sessions"):
+        small_engine.add_request(Request("big", prompt, SamplingParams(max_tokens=4)))
+    assert (small_engine.steps, small_engine.scheduler.kv_blocks_used) == (steps, used)  # no step, no KV
+    assert not small_engine.has_unfinished() and list(manager.sessions) == [s.session_id for s in sessions]
+    # a request that fits beside them is served as usual
+    [small] = small_engine.generate([prompt[:100]], SamplingParams(max_tokens=2, min_tokens=2))
+    assert len(small.token_ids) == 2
+    manager.close_all()
+
+
+def test_a_waiting_request_is_refused_when_sessions_took_its_kv(loaded_model, tokenizer, clock):
+    """Admitted when KV was free, then sessions took it while the request queued: refused at admission
+    (FinishReason.REFUSED, RESOURCE_EXHAUSTED through the gateway), not left waiting."""
+    engine = LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=32,
+                                                         max_seqs=1)), loaded_model)
+    manager = _budgeted(engine, tokenizer, clock, fraction=0.75)
+    prompt = tokenizer((WORDS + " ") * 40, add_special_tokens=False).input_ids[:250]  # 16 blocks
+    engine.add_request(Request("running", prompt[:20], SamplingParams(max_tokens=100, min_tokens=100)))
+    engine.add_request(Request("queued", prompt, SamplingParams(max_tokens=4)))  # waits for max_seqs
+    assert [e.id for e in engine.step()] == ["running"] and engine.stats()["waiting"] == 1
+    manager.open(_document(tokenizer, 150))
+    manager.open(_document(tokenizer, 150))  # 20 blocks held by sessions in use: 12 left for requests
+    engine.abort("running")
+    [refused] = engine.step()
+    assert (refused.id, refused.reason) == ("queued", FinishReason.REFUSED) and "edit sessions" in refused.error
+    assert not engine.has_unfinished() and engine.scheduler.kv_blocks_used == manager.kv_blocks_held
+    manager.close_all()
