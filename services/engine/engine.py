@@ -192,8 +192,8 @@ class LLMEngine:
         if not self.scheduler.could_admit(blocks_for(len(ids), cfg.block_size)):
             raise CapacityError(
                 f"KV cache: {len(ids)} prompt tokens need {blocks_for(len(ids), cfg.block_size)} blocks but "
-                f"{self.scheduler.kv_blocks_held_outside} of {self.scheduler.pool.num_blocks} are held by edit "
-                f"sessions in use; retry later")
+                f"{self.scheduler.kv_blocks_held_outside} of {self.scheduler.pool.num_blocks} are held by "
+                f"edit sessions in use; retry later")
         if len(self.scheduler.waiting) >= cfg.max_queue:
             raise CapacityError(f"engine queue is full ({cfg.max_queue} waiting requests)")
 

@@ -172,7 +172,8 @@ class SessionManager:
         session = self._get(session_id)
         planned = self._plan(session.document, edits)
         if planned:
-            self._make_room(self._blocks_for(len(planned[-1].after.token_ids)) - len(session.kv.blocks), keep=session)
+            growth = self._blocks_for(len(planned[-1].after.token_ids)) - len(session.kv.blocks)
+            self._make_room(growth, keep=session)
         began, encoded = time.perf_counter(), 0
         try:
             for edit in planned:
@@ -292,8 +293,9 @@ class SessionManager:
         held = self.kv_blocks_held
         if strict and held + more_blocks > self.kv_budget_blocks:
             raise CapacityError(
-                f"edit sessions hold {held} of their {self.kv_budget_blocks} KV blocks (sessions.max_kv_fraction = "
-                f"{self.config.max_kv_fraction:g} of the cache) and are in use; {more_blocks} more needed, retry later")
+                f"edit sessions hold {held} of their {self.kv_budget_blocks} blocks (sessions.max_kv_fraction"
+                f" = {self.config.max_kv_fraction:g} of the cache), all in use; {more_blocks} more needed, "
+                f"retry later")
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

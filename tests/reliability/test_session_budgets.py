@@ -32,10 +32,11 @@ def held_cache(request, loaded_model, tokenizer):
     'idle': a session untouched for 0 s may be evicted; 'in_use': none may (evict_idle_after_s = 1 h)."""
     idle_after = 0.0 if request.param == "idle" else 3600.0
     sessions = SessionsConfig(max_kv_fraction=0.9, evict_idle_after_s=idle_after, max_idle_timeout_s=FOREVER)
-    gateway = RunningGateway(loaded_model, tokenizer, engine_config=EngineConfig(token_budget=128, block_size=16,
-                             num_blocks=64), sections={"sessions": sessions})
+    engine = EngineConfig(token_budget=128, block_size=16, num_blocks=64)
+    gateway = RunningGateway(loaded_model, tokenizer, engine_config=engine, sections={"sessions": sessions})
     client = LongbowClient(gateway.address, timeout_s=DEADLINE_S, retry=None)
-    opened = [client.open_session(tokenizer.decode(_ids(tokenizer, 240)), idle_timeout_s=FOREVER) for _ in range(3)]
+    text = tokenizer.decode(_ids(tokenizer, 240))
+    opened = [client.open_session(text, idle_timeout_s=FOREVER) for _ in range(3)]
     try:
         yield request.param, gateway, client, opened
     finally:

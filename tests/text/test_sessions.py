@@ -150,7 +150,8 @@ def test_a_client_idle_timeout_is_capped_by_the_server(engine, tokenizer, clock)
 
 def test_an_edit_that_overflows_the_cache_closes_the_session(loaded_model, tokenizer):
     small = LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=64, block_size=16, num_blocks=4)), loaded_model)
-    manager = SessionManager(small, tokenizer, SessionsConfig(max_kv_fraction=1.0))  # the cache, not the budget, fills
+    # the cache fills, not the sessions' budget
+    manager = SessionManager(small, tokenizer, SessionsConfig(max_kv_fraction=1.0))
     session = manager.open("def f(x):\n    return x + 1\n")
     small.add_request(Request("holder", list(range(100, 148)), SamplingParams(max_tokens=8)))
     small.step()  # a request holds the other 3 blocks
@@ -178,12 +179,13 @@ def _document(tokenizer, tokens: int) -> str:
 @pytest.fixture
 def small_engine(loaded_model):
     """32 blocks of 16: a 512-token cache."""
-    return LLMEngine(LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=32)), loaded_model)
+    config = LongbowConfig(engine=EngineConfig(token_budget=128, block_size=16, num_blocks=32))
+    return LLMEngine(config, loaded_model)
 
 
 def _budgeted(small_engine, tokenizer, clock, fraction: float) -> SessionManager:
     config = SessionsConfig(max_kv_fraction=fraction, evict_idle_after_s=10, idle_timeout_s=4294967295,
-                            max_idle_timeout_s=4294967295)  # the issue's "forever": only the budgets bound them
+                            max_idle_timeout_s=4294967295)  # the issue's "forever": only budgets bound them
     return SessionManager(small_engine, tokenizer, config, clock)
 
 
@@ -207,7 +209,7 @@ def test_sessions_stay_within_their_kv_budget(small_engine, tokenizer, clock):
 
 def test_a_request_evicts_idle_sessions_least_recently_used(small_engine, tokenizer, clock):
     manager = _budgeted(small_engine, tokenizer, clock, fraction=0.75)
-    old, middle, recent = (manager.open(_document(tokenizer, 100)) for _ in range(3))  # 21 blocks held, 11 free
+    old, middle, recent = (manager.open(_document(tokenizer, 100)) for _ in range(3))  # 21 held, 11 free
     clock.now += 11
     manager.predict(recent.session_id, 0, max_tokens=1)  # in use: never evicted for a request
     prompt = tokenizer((WORDS + " ") * 40, add_special_tokens=False).input_ids[:250]  # 16 blocks
@@ -252,6 +254,7 @@ def test_a_waiting_request_is_refused_when_sessions_took_its_kv(loaded_model, to
     manager.open(_document(tokenizer, 150))  # 20 blocks held by sessions in use: 12 left for requests
     engine.abort("running")
     [refused] = engine.step()
-    assert (refused.id, refused.reason) == ("queued", FinishReason.REFUSED) and "edit sessions" in refused.error
+    assert (refused.id, refused.reason) == ("queued", FinishReason.REFUSED)
+    assert "edit sessions" in refused.error
     assert not engine.has_unfinished() and engine.scheduler.kv_blocks_used == manager.kv_blocks_held
     manager.close_all()
