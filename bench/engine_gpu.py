@@ -31,7 +31,6 @@ bench/results/engine_gpu_cpu_smoke.json (cpu), or --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -101,8 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fidelity-len", type=int, help="prompt tokens of the fp32 check: 512 (quick 64)")
     p.add_argument("--layers", type=int, help="decoder layers (default 30, the model's; quick: 4)")
     p.add_argument("--budget", type=int, default=0, help="engine token budget per step; 0: engine default")
-    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="engine.cuda_graphs where the engine has that switch; auto: its default")
+    p.add_argument("--decode-graphs", choices=["auto", "on", "eager", "off"], default="auto",
+                   help="engine.decode_graphs (CUDA graphs for decode steps); auto: on for CUDA")
+    p.add_argument("--attention", choices=["auto", "sdpa", "triton"], default="auto",
+                   help="engine.attention; auto: the Triton step kernel on CUDA, SDPA on CPU")
     p.add_argument("--bandwidth", type=float, help=f"bytes/s limit (default {H200_BANDWIDTH:.1e} on cuda)")
     p.add_argument("--sections", nargs="+", default=["fidelity", "ringattn", "batches", "long"],
                    choices=["fidelity", "ringattn", "batches", "long"])
@@ -156,11 +157,8 @@ def write_checkpoint(args: argparse.Namespace, directory: Path):
 
 
 def engine_config_fields(args: argparse.Namespace, num_blocks: int, max_seqs: int) -> dict:
-    wanted = dict(token_budget=args.budget, num_blocks=num_blocks, max_seqs=max_seqs)
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
-    if args.cuda_graphs != "auto" and "cuda_graphs" in known:
-        wanted["cuda_graphs"] = args.cuda_graphs == "on"
-    return wanted
+    return dict(token_budget=args.budget, num_blocks=num_blocks, max_seqs=max_seqs,
+                decode_graphs=args.decode_graphs, attention=args.attention)
 
 
 def build_engine(args, checkpoint: Path, dtype: torch.dtype, num_blocks: int, max_seqs: int) -> LLMEngine:
@@ -175,7 +173,8 @@ def build_engine(args, checkpoint: Path, dtype: torch.dtype, num_blocks: int, ma
 def engine_facts(engine: LLMEngine) -> dict:
     cfg = engine.config.engine
     return {"token_budget": getattr(engine.scheduler, "token_budget", cfg.token_budget),
-            "cuda_graphs": getattr(cfg, "cuda_graphs", "n/a (no such switch)"),
+            "decode_graphs": cfg.decode_graphs, "attention": cfg.attention,
+            "executor": engine.executor.stats(),
             "num_blocks": cfg.num_blocks, "block_size": cfg.block_size, "max_seqs": cfg.max_seqs}
 
 
@@ -568,6 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
                     save(results, args.out)
             if "long" in args.sections:
                 results["long"] = bench_long(args, engine, hf)
+            results["engine"]["executor_after"] = engine.executor.stats()  # e.g. decode steps from graphs
             engine.shutdown()
     results["wall_s"] = time.perf_counter() - started
     save(results, args.out)

@@ -144,7 +144,7 @@ class SamplingControls:
             seeds=packed[:, 4],
             num_generated=packed[:, 5],
             banned_token_ids=packed[:, _CONTROL_COLUMNS:],
-            all_greedy=all(p.temperature == 0 for p in params) and width == 0,
+            all_greedy=all(p.temperature == 0 for p in params),  # bans are applied before the argmax
             any_greedy=any(p.temperature == 0 for p in params),
             any_banned=width > 0,
             max_top_k=max(top_k, default=0),
