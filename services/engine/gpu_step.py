@@ -118,7 +118,7 @@ class DecodeGraphs:
         self.buckets: dict[int, _Bucket] = {}
         self.device = cache.k.device
         self.pool = torch.cuda.graph_pool_handle() if use_graphs and self.device.type == "cuda" else None
-        self.replays = 0
+        self.replays = self.capture_failures = 0
 
     def supports(self, chunks) -> bool:
         return (0 < len(chunks) <= self.sizes[-1]
@@ -156,19 +156,27 @@ class DecodeGraphs:
         bucket.ids[2].fill_(self.scratch_slot)  # before any fill: warm-up and capture write only scratch
         bucket.tables[self.kv_capacity:self.kv_capacity + 5 * capacity].zero_()
         if self.pool is not None:
-            began = time.perf_counter()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: triton compiles and autotunes outside the capture
-                    self._forward(bucket)
-            torch.cuda.current_stream().wait_stream(stream)
-            bucket.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(bucket.graph, pool=self.pool):
-                bucket.logits = self._forward(bucket)
-            log.info("decode graph captured: batch %d, %.2f s", size, time.perf_counter() - began)
+            try:
+                self._capture(bucket)
+            except Exception:  # NOTE: a failed capture costs speed, never requests: replay eagerly
+                log.exception("decode graph capture failed for batch %d; this bucket runs eagerly", size)
+                bucket.graph, self.capture_failures = None, self.capture_failures + 1
+                torch.cuda.synchronize()
         self.buckets[size] = bucket
         return bucket
+
+    def _capture(self, bucket: _Bucket) -> None:
+        began = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: triton compiles and autotunes outside the capture
+                self._forward(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        bucket.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(bucket.graph, pool=self.pool):
+            bucket.logits = self._forward(bucket)
+        log.info("decode graph captured: batch %d, %.2f s", bucket.size, time.perf_counter() - began)
 
     def _fill(self, bucket: _Bucket, chunks, kv_lists: list[np.ndarray]) -> None:
         n, size = len(chunks), bucket.size

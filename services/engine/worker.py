@@ -12,6 +12,7 @@ the device in one transfer; the sampled tokens, logprobs and entropies come back
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from longbow.services.engine.model import AttentionBackend
 from longbow.services.engine.sampler import SamplingControls, entropy_and_logprobs, sample_batch
 from longbow.services.engine.types import SampledToken, SamplingParams, ScheduledChunk, StepPlan, StepResult
 from longbow.services.engine.weights import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,6 +146,7 @@ class ModelRunner:
                                   loaded.dtype)
         self.scratch_slot = layout.blocks_per_shard * layout.block_size
         self.backend = (backend_factory or self._default_backend(attention))(self.cache)
+        self.kernel_fallbacks = 0
         self._slot_base = shard * layout.blocks_per_shard * layout.block_size
 
     def _default_backend(self, attention: str) -> Callable[[PagedKVCache], AttentionBackend]:
@@ -159,9 +163,26 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, StepInputs, LocalStepMeta]:
         """The forward pass: logits [R, V] fp32 of the step's logit rows (see StepInputs.logit_start)."""
         inputs = build_step_inputs(plan, self.layout, self.shard, self.device)
-        meta = self.backend.prepare(self._meta(plan, inputs))
-        logits = self.model(inputs.token_ids, inputs.positions, self.backend, meta, inputs.logit_rows)  # [R, V]
+        try:
+            meta = self.backend.prepare(self._meta(plan, inputs))
+            logits = self.model(inputs.token_ids, inputs.positions, self.backend, meta, inputs.logit_rows)  # [R, V]
+        except Exception:
+            if not self._kernel_fallback():
+                raise
+            return self.run(plan)  # rewrites the same K/V into the same slots
         return logits, inputs, meta
+
+    def _kernel_fallback(self) -> bool:
+        """NOTE: a Triton kernel that fails to compile or launch on this GPU must cost speed, not service:
+        switch to per-request SDPA once, loudly (stats show it), and redo the step."""
+        from longbow.services.engine.gpu_step import StepPagedAttention
+
+        if not isinstance(self.backend, StepPagedAttention):
+            return False
+        log.exception("the step attention kernel failed; falling back to per-request SDPA")
+        self.backend = LocalPagedAttention(self.cache, self.args.n_layers)
+        self.kernel_fallbacks += 1
+        return True
 
     def forward(self, plan: StepPlan) -> ForwardOutput:
         """The forward pass as plain per-request values (the shard group's and PIE documents' form)."""
@@ -286,7 +307,11 @@ class Worker:
         self.sampler.update(plan)
         self.steps += 1
         if self.graphs is not None and self.graphs.supports(plan.chunks):
-            return self._execute_decode_graph(plan)
+            try:
+                return self._execute_decode_graph(plan)
+            except Exception:  # NOTE: as for the kernel: speed lost, requests kept (stats show it)
+                log.exception("graph-replayed decode step failed; decode steps run eagerly from now on")
+                self.graphs = None
         logits, inputs, meta = self.runner.run(plan)
         result = StepResult()
         sampling_rows, sampling = [], []
@@ -334,6 +359,8 @@ class Worker:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "decode_graph_steps": self.graph_steps,
+                "kernel_fallbacks": self.runner.kernel_fallbacks,
+                "graph_capture_failures": self.graphs.capture_failures if self.graphs is not None else 0,
                 "tracked_requests": len(self.sampler.params),
                 "attention": type(self.runner.backend).__name__}
 

@@ -80,3 +80,21 @@ def test_pie_edited_document_predicts_the_same(tiny):
         document.replace(5, 9, [3, 4, 5, 6, 7, 8, 9], UpdateMode.PIE)  # later keys shift by +3
         outputs.append(document.predict(20, [], max_tokens=4, stop_ids=set()))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 4
+
+
+def test_a_failing_kernel_or_graph_costs_speed_not_requests(tiny, monkeypatch):
+    from longbow.services.engine import gpu_step
+
+    params = SamplingParams(max_tokens=5, min_tokens=5)
+    expected = _engine(tiny, "sdpa", "off").generate(_prompts(), params)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel refused to compile")
+
+    monkeypatch.setattr(gpu_step.kernels, "paged_attention", broken)
+    engine = _engine(tiny, "triton", "eager")
+    got = engine.generate(_prompts(), params)
+    stats = engine.executor.stats()
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert stats["kernel_fallbacks"] == 1 and stats["attention"] == "LocalPagedAttention"
+    assert engine.executor.graphs is None  # the graph step failed too (same kernel): eager from then on
