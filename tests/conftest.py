@@ -70,6 +70,18 @@ class RunningGateway:
     def engine_stats(self) -> dict:
         return self.run(self.engine.call(lambda e: e.stats()))
 
+    def wait_for_stats(self, predicate, what: str, timeout_s: float = 30.0) -> dict:
+        """Polls engine stats until `predicate(stats)` holds (bounded: fails with `what` and the last stats)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.engine_stats()
+            if predicate(stats):
+                return stats
+            assert time.monotonic() < deadline, f"{what} within {timeout_s} s: {stats}"
+            time.sleep(0.02)  # polling interval of a bounded wait
+
     def wait_until_idle(self, timeout: float = 30.0) -> dict:
         """Waits (bounded) for the engine to hold no KV: aborts travel from a cancelled call to the
         engine thread asynchronously. Returns the final stats."""

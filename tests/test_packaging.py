@@ -44,16 +44,19 @@ def test_wheel_installs_only_the_longbow_namespace(wheel):
 
 # Runs in a fresh interpreter without site (so neither the editable install nor the repository is on the
 # path): the wheel's tree first, then the venv's site-packages for grpcio / protobuf / langchain-core.
-CLIENT_ONLY = """
+# A prelude for fresh interpreters that must not import server-side packages (argv[1]: their names).
+REFUSE_IMPORTS = """
 import importlib.abc, sys
 BLOCKED = set(sys.argv[1].split(","))
 
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"client-only install imported {name}")
+            raise ImportError(f"refused import of {name}: a server-only package")
 
 sys.meta_path.insert(0, Refuse())
+"""
+CLIENT_ONLY = REFUSE_IMPORTS + """
 import longbow
 from longbow import AsyncLongbowClient, Edit, LongbowClient, LongbowError
 from longbow.langchain import LongbowChatModel, LongbowLLM, LongbowRetriever

@@ -82,8 +82,7 @@ class LongbowLanguageServer(LanguageServer):
         if not connected:  # once per outage: the link reports only the transition
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=message))
         else:
-            for document in self.documents.values():  # the restarted gateway has none of our sessions
-                document.session_id = None
+            for document in self.documents.values():  # a new epoch: sync_session closes the stale session
                 self.spawn(self.sync_session(document))
 
     def tell(self, message: str, kind: types.MessageType = types.MessageType.Log) -> None:
@@ -117,7 +116,13 @@ class LongbowLanguageServer(LanguageServer):
             if document.uri not in self.documents or self.link is None:
                 return
             if document.session_id is not None and document.session_epoch != self.link.epoch:
-                document.session_id = None
+                # Reconnected: a restarted gateway lost the session, but after a network outage it still
+                # holds its KV. Close it (best effort) rather than leave it to the idle expiry.
+                stale, document.session_id = document.session_id, None
+                try:
+                    await self.link.call("close_session", stale)
+                except (GatewayDown, LongbowError):
+                    pass  # gone with a restart, or closed already
             if document.session_id is None:
                 await self._open_session(document)
                 return
@@ -155,7 +160,8 @@ class LongbowLanguageServer(LanguageServer):
 
     async def close_session(self, document: TextDocument) -> None:
         session_id, document.session_id = document.session_id, None
-        if session_id is not None and document.session_epoch == self.link.epoch:
+        # Even from an older epoch: after a network outage (not a restart) the gateway still holds it.
+        if session_id is not None:
             try:
                 await self.link.call("close_session", session_id)
             except (GatewayDown, LongbowError):
@@ -251,6 +257,10 @@ def _register_lifecycle(server: LongbowLanguageServer) -> None:
 
     @server.feature(types.SHUTDOWN)
     async def shutdown(ls: LongbowLanguageServer, params) -> None:
+        # Let session opens and edits in flight land first (bounded): an open finishing after the close
+        # below would leave its KV on the gateway until the idle expiry.
+        if ls._tasks:
+            await asyncio.wait(list(ls._tasks), timeout=10.0)
         for document in list(ls.documents.values()):
             await ls.close_session(document)
         if ls.link is not None:

@@ -67,6 +67,8 @@ def run_nvim(gateway, tmp_path: Path, file: Path, line: int, column: int, max_to
     assert out.is_file(), f"nvim wrote nothing (rc {result.returncode}): {result.stderr[-2000:]}"
     found = json.loads(out.read_text())
     assert "failure" not in found, found
+    # The editor quit: the language server closed its edit sessions, so the gateway holds no KV for it.
+    assert gateway.wait_until_idle()["kv_blocks_used"] == 0
     return found
 
 

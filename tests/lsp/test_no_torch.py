@@ -8,18 +8,9 @@ import json
 import subprocess
 import sys
 
-from tests.test_packaging import SERVER_ONLY
+from tests.test_packaging import REFUSE_IMPORTS, SERVER_ONLY
 
-RUN_WITHOUT_SERVER_PACKAGES = """
-import importlib.abc, sys
-BLOCKED = set(sys.argv[1].split(","))
-
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"the language server imported {name}")
-
-sys.meta_path.insert(0, Refuse())
+RUN_WITHOUT_SERVER_PACKAGES = REFUSE_IMPORTS + """
 from longbow.services.cli import main
 sys.exit(main(["lsp", "--address", "127.0.0.1:1"]))
 """

@@ -19,15 +19,6 @@ HELD_TOKENS = 150  # long enough that held streams are still generating while th
 BOUND_S = 30.0  # bounded polls: generous on a loaded 2-core machine, never a hang
 
 
-def _wait_for(gateway: RunningGateway, predicate, what: str) -> dict:
-    deadline = time.monotonic() + BOUND_S
-    while True:
-        stats = gateway.engine_stats()
-        if predicate(stats):
-            return stats
-        assert time.monotonic() < deadline, f"{what} within {BOUND_S} s: {stats}"
-        time.sleep(0.02)  # polling interval of a bounded wait
-
 
 @pytest.fixture
 def small_gateway(loaded_model, tokenizer):
@@ -77,7 +68,7 @@ def test_excess_streams_are_shed_at_once_and_the_rest_complete(small_gateway):
         finished = [_drain(stream, received) for stream, received in held]
     # nothing acknowledged is lost: every admitted stream got every token it asked for
     assert finished == [(HELD_TOKENS, "length")] * 4
-    assert _wait_for(small_gateway, lambda s: s["kv_blocks_used"] == 0, "KV freed")["running"] == 0
+    assert small_gateway.wait_for_stats(lambda s: s["kv_blocks_used"] == 0, "KV freed", BOUND_S)["running"] == 0
     print(f"shed 12 in max {max(t for _, t in outcomes):.3f} s while 4 streams of {HELD_TOKENS} tokens ran")
 
 
@@ -92,7 +83,7 @@ def test_cancelling_half_the_streams_frees_their_kv_under_load(loaded_model, tok
             for stream, _ in streams[:4]:
                 stream.close()  # the client stops reading: the call is cancelled
             # the cancelled four leave the engine, and their KV with them, while the other four still run
-            during = _wait_for(gateway, lambda s: s["running"] == 4, "cancelled streams aborted")
+            during = gateway.wait_for_stats(lambda s: s["running"] == 4, "cancelled streams aborted", BOUND_S)
             assert during["kv_blocks_used"] < loaded["kv_blocks_used"]
             finished = [_drain(stream, received) for stream, received in streams[4:]]
         assert finished == [(HELD_TOKENS, "length")] * 4

@@ -36,15 +36,6 @@ def _engine_config(shards: int) -> EngineConfig:
                         collective_timeout_s=20, step_timeout_s=60)
 
 
-def _wait_for(gateway, predicate, what: str) -> dict:
-    deadline = time.monotonic() + BOUND_S
-    while True:
-        stats = gateway.engine_stats()
-        if predicate(stats):
-            return stats
-        assert time.monotonic() < deadline, f"{what} within {BOUND_S} s: {stats}"
-        time.sleep(0.02)  # polling interval of a bounded wait
-
 
 def test_killed_shard_fails_the_stream_retriably_and_later_requests_complete(ray_session, loaded_model,
                                                                               tokenizer):
@@ -72,7 +63,7 @@ def test_killed_shard_fails_the_stream_retriably_and_later_requests_complete(ray
 
             waiter = threading.Thread(target=run_queued)
             waiter.start()
-            _wait_for(gateway, lambda s: s["waiting"] == 1, "the second request queued")
+            gateway.wait_for_stats(lambda s: s["waiting"] == 1, "the second request queued", BOUND_S)
             ray.kill(gateway.engine.engine.executor.actors[1], no_restart=True)
             killed = time.monotonic()
             with pytest.raises(LongbowError) as err:
