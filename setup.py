@@ -24,14 +24,21 @@ def namespaced_packages() -> tuple[list[str], dict[str, str]]:
     return packages, package_dir
 
 
+def generate_protos() -> None:
+    """longbow/v1 (protobuf and gRPC modules, .proto copies) from protos/: before setup(), because the
+    package list names longbow.v1 and every build step (egg_info first) checks that it exists."""
+    sys.path.insert(0, str(ROOT))
+    from protos.codegen import generate
+
+    generate()
+
+
 class BuildPyWithProtos(build_py):
     def run(self):
-        sys.path.insert(0, str(ROOT))
-        from protos.codegen import generate
-
-        generate()
+        generate_protos()  # again, in case the .proto files changed since this process started
         super().run()
 
 
+generate_protos()
 packages, package_dir = namespaced_packages()
 setup(packages=packages, package_dir=package_dir, cmdclass={"build_py": BuildPyWithProtos})
