@@ -109,6 +109,12 @@ class LongbowLanguageServer(LanguageServer):
     def lock(self, document: TextDocument) -> asyncio.Lock:
         return self._locks.setdefault(document.uri, asyncio.Lock())
 
+    def text_changed(self, document: TextDocument) -> None:
+        """A buffer was opened or edited: the gateway learns the text, the edit session follows (background)."""
+        if self.sync is not None and document.language:
+            self.sync.buffer_changed(document)
+            self.spawn(self.sync_session(document))
+
     async def sync_session(self, document: TextDocument) -> None:
         """Bring the document's edit session up to its text: open one if it has none (or its gateway
         restarted), else send the edits made since the last call, all in one ApplyEdits."""
@@ -276,9 +282,7 @@ def _register_documents(server: LongbowLanguageServer) -> None:
         path = Path(to_fs_path(item.uri)).resolve() if item.uri.startswith("file:") else None
         document = TextDocument(item.uri, path, item.language_id, item.version, item.text)
         ls.documents[item.uri] = document
-        if ls.sync is not None and document.language:
-            ls.sync.buffer_changed(document)
-            ls.spawn(ls.sync_session(document))
+        ls.text_changed(document)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: LongbowLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
@@ -292,9 +296,7 @@ def _register_documents(server: LongbowLanguageServer) -> None:
             else:
                 document.apply(None, None, change.text, ls.encoding)
         document.version = params.text_document.version
-        if ls.sync is not None and document.language:
-            ls.sync.buffer_changed(document)
-            ls.spawn(ls.sync_session(document))
+        ls.text_changed(document)
 
     @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
     def did_save(ls: LongbowLanguageServer, params: types.DidSaveTextDocumentParams) -> None:
