@@ -61,8 +61,7 @@ class StepPagedAttention(AttentionBackend):
         q_lens, kv_lens = np.diff(meta.row_start), np.diff(meta.kv_start)
         return KernelStepMeta(
             meta.slots, meta.positions, meta.segments, meta.attention_rows,
-            kv_slots32=torch.cat([s.kv_slots for s in meta.segments]).to(torch.int32) if meta.segments
-            else torch.empty(0, dtype=torch.int32, device=device),
+            kv_slots32=meta.all_kv_slots.to(torch.int32),
             plan=plan.to(device, non_blocking=True), max_q_len=int(q_lens.max(initial=0)),
             max_kv_len=int(kv_lens.max(initial=0)),
             attention_requests=[s for s in meta.segments if s.want_attention],

@@ -53,8 +53,8 @@ class Segment:
     request_id: str
     rows: slice  # rows of the step's flattened token batch
     kv_slots: torch.Tensor  # [Tk]
+    host_kv_slots: np.ndarray  # [Tk] the same slots on the host (ranges and batching are decided there)
     want_attention: bool = False
-    host_kv_slots: np.ndarray | None = None  # [Tk] the same slots on the host, when the runner has them
     in_order: bool = False  # the keys are positions 0..Tk-1 in list order (no edits, one shard)
     # Filled by prepare(), shared by all layers:
     kv_range: slice | None = None  # the slots as a slice when contiguous: gather becomes a view
@@ -81,7 +81,8 @@ class LocalStepMeta:
     attention_rows: dict[str, torch.Tensor]  # filled at the last layer: request id -> [Tk] probs
     decode_batch: DecodeBatch | None = None
     row_start: np.ndarray | None = None  # [B + 1] host: segment b owns rows row_start[b]:row_start[b + 1]
-    kv_start: np.ndarray | None = None  # [B + 1] host: segment b's keys, offsets into the concatenated lists
+    kv_start: np.ndarray | None = None  # [B + 1] host: segment b's keys are all_kv_slots[kv_start[b]:...]
+    all_kv_slots: torch.Tensor | None = None  # [N] every segment's slots, concatenated (the segments' views)
 
 
 class LocalPagedAttention(AttentionBackend):
@@ -105,7 +106,7 @@ class LocalPagedAttention(AttentionBackend):
         decodes = []
         for seg in meta.segments:
             n_rows, n_keys = seg.rows.stop - seg.rows.start, int(seg.kv_slots.numel())
-            seg.kv_range = _as_range(seg.host_kv_slots) if seg.host_kv_slots is not None else _as_range_device(seg.kv_slots)
+            seg.kv_range = _as_range(seg.host_kv_slots)
             if seg.in_order:
                 # Keys are positions 0..Tk-1 in list order: the chunk's rows are its last positions,
                 # so a single row (decode) sees every key and a chunk needs the lower-right causal mask.
@@ -126,7 +127,7 @@ class LocalPagedAttention(AttentionBackend):
         return meta
 
     def _decode_batch(self, decodes: list[Segment], device) -> DecodeBatch | None:
-        if len(decodes) < 2 or any(seg.host_kv_slots is None for seg in decodes):
+        if len(decodes) < 2:
             return None
         lengths = np.array([len(seg.host_kv_slots) for seg in decodes])
         longest = int(lengths.max())
@@ -196,10 +197,6 @@ def _as_range(slots: np.ndarray) -> slice | None:
         return slice(first, last + 1)
     return None
 
-
-def _as_range_device(slots: torch.Tensor) -> slice | None:
-    """The same for a device tensor (backends built without host copies)."""
-    return _as_range(slots.cpu().numpy()) if slots.numel() else None
 
 
 def _last_row_attention(q_row: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

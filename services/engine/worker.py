@@ -187,17 +187,25 @@ class ModelRunner:
     def forward(self, plan: StepPlan) -> ForwardOutput:
         """The forward pass as plain per-request values (the shard group's and PIE documents' form)."""
         logits, inputs, meta = self.run(plan)
-        out = ForwardOutput()
+        out = ForwardOutput(prompt_logprobs=self.prompt_logprobs(plan, logits, inputs))
         for b, chunk in enumerate(plan.chunks):
             rid, mine = chunk.request_id, logits[inputs.logit_start[b]:inputs.logit_start[b + 1]]
-            if chunk.prompt_logprobs and mine.shape[0]:
-                rows = inputs.host_positions[inputs.row_start[b]:inputs.row_start[b + 1]]
-                out.prompt_logprobs[rid] = _prompt_logprobs(chunk, rows.tolist(), mine)
             if chunk.sample and chunk.shard == self.shard:
                 out.sample_logits[rid] = mine[-1]
             if rid in meta.attention_rows:
                 out.attention[rid] = _by_position(meta.attention_rows[rid], self.cache, meta, rid)
         return out
+
+    def prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor,
+                        inputs: StepInputs) -> dict[str, list[tuple[int, float]]]:
+        """(target position, logprob) of every local row of the chunks that score their prompt."""
+        found = {}
+        for b, chunk in enumerate(plan.chunks):
+            first, last = inputs.logit_start[b], inputs.logit_start[b + 1]
+            if chunk.prompt_logprobs and last > first:
+                rows = inputs.host_positions[inputs.row_start[b]:inputs.row_start[b + 1]]
+                found[chunk.request_id] = _prompt_logprobs(chunk, rows.tolist(), logits[first:last])
+        return found
 
     # ---- slot operations for documents kept across edits (services/engine/pie.py) ----------------
     def local_slots(self, slots) -> torch.Tensor:
@@ -229,11 +237,13 @@ class ModelRunner:
         row, kv = inputs.row_start, inputs.kv_start
         segments = [
             Segment(c.request_id, slice(int(row[b]), int(row[b + 1])), inputs.kv_slots[kv[b]:kv[b + 1]],
-                    c.return_attention and c.sample and c.shard == self.shard,
-                    host_kv_slots=inputs.host_kv_slots[b], in_order=bool(inputs.kv_in_order[b]))
+                    host_kv_slots=inputs.host_kv_slots[b],
+                    want_attention=c.return_attention and c.sample and c.shard == self.shard,
+                    in_order=bool(inputs.kv_in_order[b]))
             for b, c in enumerate(plan.chunks)
         ]
-        return LocalStepMeta(inputs.slots, inputs.positions, segments, {}, row_start=row, kv_start=kv)
+        return LocalStepMeta(inputs.slots, inputs.positions, segments, {}, row_start=row, kv_start=kv,
+                             all_kv_slots=inputs.kv_slots)
 
 
 class StepSampler:
@@ -313,17 +323,10 @@ class Worker:
                 log.exception("graph-replayed decode step failed; decode steps run eagerly from now on")
                 self.graphs = None
         logits, inputs, meta = self.runner.run(plan)
-        result = StepResult()
-        sampling_rows, sampling = [], []
-        for b, chunk in enumerate(plan.chunks):
-            first, last = inputs.logit_start[b], inputs.logit_start[b + 1]
-            if chunk.prompt_logprobs and last > first:
-                rows = inputs.host_positions[inputs.row_start[b]:inputs.row_start[b + 1]]
-                pairs = _prompt_logprobs(chunk, rows.tolist(), logits[first:last])
-                result.prompt_logprobs[chunk.request_id] = [lp for _, lp in sorted(pairs)]
-            if chunk.sample:
-                sampling_rows.append(int(last) - 1)
-                sampling.append(chunk)
+        result = StepResult(prompt_logprobs={rid: [lp for _, lp in sorted(pairs)] for rid, pairs in
+                                             self.runner.prompt_logprobs(plan, logits, inputs).items()})
+        sampling = [c for c in plan.chunks if c.sample]
+        sampling_rows = [int(inputs.logit_start[b + 1]) - 1 for b, c in enumerate(plan.chunks) if c.sample]
         attention = {rid: _by_position(row, self.cache, meta, rid) for rid, row in meta.attention_rows.items()}
         if sampling:
             rows = torch.tensor(sampling_rows, dtype=torch.int64, device=logits.device)
