@@ -297,6 +297,10 @@ def bench_batch(args, engine: LLMEngine, hf, batch: int, dtype: torch.dtype) -> 
             ours["fraction_of_bandwidth"] = ours["achieved_bytes_s"] / args.bandwidth
             ours["bandwidth_limit_tok_s"] = batch * args.bandwidth / step_bytes
     ours["kernels_per_decode_step"] = warm["profile"]
+    # NOTE: a kernel that fell back to SDPA or a decode graph that failed to capture would make these
+    # numbers another engine's: the worker's counters say which path ran.
+    ours["executor_stats"] = engine.stats()["executor"]
+    log(f"batch {batch}: executor {ours['executor_stats']}")
     log(f"batch {batch}: transformers generate (warm-up, then timed)")
     hf_generate(hf, random_prompts(batch, args.prompt_len, 3000 + batch), min(args.output_len, 4), device)
     theirs = hf_generate(hf, random_prompts(batch, args.prompt_len, 2000 + batch), args.output_len, device)
