@@ -30,23 +30,10 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log its output, repo
   echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
 }
 
-# pytest from the checkout: the same package-path extension bench/engine_gpu.py does when the repo is
-# not installed (setup.py maps services/, rag/, ringattn/ into `longbow` at install time).
-checkout_pytest() {
-  $py - "$@" <<'EOF'
-import sys
-sys.path.append(".")
-import longbow
-longbow.__path__.append(".")
-import pytest
-sys.exit(pytest.main(["-p", "no:cacheprovider", "-q", *sys.argv[1:]]))
-EOF
-}
-
 if [[ "$phase" == 1 || "$phase" == all ]]; then
   step 15 environment bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; \
     $py -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)'"
-  step 110 cuda-tests checkout_pytest tests/engine/test_paged_attention.py tests/engine/test_gpu_step.py \
+  step 110 cuda-tests $py scripts/pytest_checkout.py tests/engine/test_paged_attention.py tests/engine/test_gpu_step.py \
     tests/engine/test_sampler_batched.py
   step 50 bench-fidelity $py bench/engine_gpu.py --sections fidelity --out "$out/engine_gpu_fidelity.json"
   step 120 bench-batches $py bench/engine_gpu.py --sections batches --batches 1 8 64 \
