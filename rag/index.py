@@ -7,28 +7,14 @@ Chunks get process-local int64 ids (FAISS ids); they never leave this module.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterable
 
 import numpy as np
 
+from longbow.rag.analyzer import bm25_terms
 from longbow.rag.store import ChangeLogGap, Store, StoredDocument
 from longbow.rag.types import Chunk
-
-_TERM = re.compile(r"\w+")
-# Lucene's English stopwords.
-_STOPWORDS = frozenset({
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no",
-    "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this",
-    "to", "was", "will", "with",
-})
-
-
-def bm25_terms(text: str) -> list[str]:
-    """Lowercased word terms without English stopwords (the BM25 analyzer for chunks and queries)."""
-    return [t for t in _TERM.findall(text.lower()) if t not in _STOPWORDS]
-
 
 class DenseIndex:
     """Inner-product search over unit vectors. kind: "flat" (exact; default), "hnsw" (graph; deletes are
