@@ -42,7 +42,7 @@ def test_citations_point_into_the_document(store):
 
 
 def test_each_retriever_has_a_strength_and_fusion_keeps_both(store):
-    exact, paraphrase = "XQ-7731", "my computer does not start"
+    exact, paraphrase = "XQ-7731", "my computer refuses to boot"
     assert HybridRetriever(store, mode="bm25").retrieve(exact, 1)[0].chunk.document_id == "kb-1"
     assert HybridRetriever(store, mode="bm25").retrieve(paraphrase, 1) == []  # no shared term
     assert HybridRetriever(store, mode="dense").retrieve(paraphrase, 1)[0].chunk.document_id == "kb-2"
