@@ -49,6 +49,10 @@ class EngineConfig:
     placement_timeout_s: float = 120.0  # waiting for Ray to place the shards before giving up
     step_timeout_s: float = 120.0  # a step slower than this fails (a shard is presumed lost)
     collective_timeout_s: float = 60.0  # gloo/NCCL timeout: a lost peer fails, never hangs
+    # Where Ray puts the shards (services/shards/placement.py): PACK (fewest nodes), SPREAD, STRICT_PACK
+    # (one node), STRICT_SPREAD (one shard per node).
+    placement_strategy: str = "PACK"
+    gpus_per_shard: float | None = None  # None: 1 on CUDA (model.device cuda, or auto on a cluster with GPUs)
 
 
 @dataclass
@@ -146,6 +150,8 @@ _ENV_KEYS = {
     "LONGBOW_DECODE_GRAPHS": ("engine", "decode_graphs", str),
     "LONGBOW_SHARDS": ("engine", "shards", int),
     "LONGBOW_RAY_ADDRESS": ("engine", "ray_address", str),
+    "LONGBOW_PLACEMENT_STRATEGY": ("engine", "placement_strategy", str),
+    "LONGBOW_GPUS_PER_SHARD": ("engine", "gpus_per_shard", float),
     "LONGBOW_HOST": ("gateway", "host", str),
     "LONGBOW_PORT": ("gateway", "port", int),
     "LONGBOW_METRICS_PORT": ("gateway", "metrics_port", int),

@@ -22,6 +22,7 @@ from longbow.services.engine.errors import EngineError
 from longbow.services.engine.model import ModelArgs
 from longbow.services.engine.types import StepPlan, StepResult
 from longbow.services.engine.worker import ForwardOutput, StepSampler
+from longbow.services.shards.placement import plan_placement, unplaceable_message
 from longbow.services.shards.worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -103,21 +104,22 @@ class ShardGroup:
 
     # ---- internals -----------------------------------------------------------------------------
     def _start(self) -> None:
-        cpus = self.config.engine.cpus_per_shard
-        self._placement = placement_group([{"CPU": cpus}] * self.num_shards, strategy="PACK")
+        config = self.config
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        placement = plan_placement(config.engine, config.model, self.num_shards, cluster_gpus)
+        self._placement = placement_group(placement.bundles, strategy=placement.strategy)
         try:
-            ray.get(self._placement.ready(), timeout=self.config.engine.placement_timeout_s)
+            ray.get(self._placement.ready(), timeout=config.engine.placement_timeout_s)
         except GetTimeoutError:
             remove_placement_group(self._placement)
             self._placement = None
-            available = ray.cluster_resources().get("CPU", 0)
-            raise ShardFailureError(
-                f"cannot place {self.num_shards} shards x {cpus} CPU on this Ray cluster ({available:g} CPUs); "
-                "lower --shards or engine.cpus_per_shard, or add nodes") from None
+            nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+            raise ShardFailureError(unplaceable_message(placement, nodes)) from None
         remote = ray.remote(ShardWorker)
         self.actors = [
-            remote.options(num_cpus=cpus, max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self._placement, placement_group_bundle_index=rank)).remote(self.config, rank, self.num_shards)
+            remote.options(num_cpus=placement.cpus, num_gpus=placement.gpus, max_restarts=0,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, rank)
+                           ).remote(config, rank, self.num_shards)
             for rank in range(self.num_shards)
         ]
         host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=300)

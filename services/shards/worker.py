@@ -114,6 +114,12 @@ class ShardWorker:
     def ping(self) -> int:
         return self.rank
 
+    def node_id(self) -> str:
+        """The Ray node this shard runs on (placement tests, operators' logs)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 def _peak_rss_bytes() -> int:
     import resource
