@@ -33,6 +33,15 @@ class Hit:
     score: float
 
 
+@dataclass(frozen=True)
+class DocumentHit:
+    """A retrieved document: its fused score and its best chunks as evidence (best first, each a citation)."""
+
+    document_id: str
+    score: float
+    hits: list[Hit]
+
+
 class Retriever(abc.ABC):
     """Contract: at most top_k hits, best first; every hit's chunk metadata contains all `filters`
     key/value pairs; an empty store gives []."""

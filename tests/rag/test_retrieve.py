@@ -29,7 +29,7 @@ def store(tmp_path_factory):
 
 
 def test_rrf_sums_reciprocal_ranks():
-    fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1]], k=60)
+    fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1]], rrf_k=60)
     assert [i for i, _ in fused] == [1, 3, 2]
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62) and fused[2][1] == pytest.approx(1 / 62)
 
@@ -71,3 +71,19 @@ def test_bounds_and_empty_store(store, tmp_path):
     empty = EmbeddedStore(tmp_path / "empty")
     assert HybridRetriever(empty).retrieve("anything") == []
     empty.close()
+
+
+def test_documents_grouped_with_their_chunks_as_evidence(tmp_path):
+    long_document = Document("manual", "The kettle boils water in two minutes. " * 3 + "Descale the kettle with vinegar monthly. "
+                             "The warranty covers the heating element for two years.")
+    store = EmbeddedStore(tmp_path / "grouped")
+    Ingestor(store).ingest([long_document, *DOCUMENTS], "sentence", 8)
+    retriever = HybridRetriever(store)
+    chunks = retriever.retrieve("kettle warranty and descaling", top_k=4)
+    documents = retriever.retrieve_documents("kettle warranty and descaling", top_k=2, chunks_per_document=2)
+    assert [h.chunk.document_id for h in chunks].count("manual") >= 2  # ungrouped: one document fills the list
+    assert len(documents) == 2 and len({d.document_id for d in documents}) == 2
+    assert documents[0].document_id == "manual" and documents[0].score >= documents[1].score
+    assert 1 <= len(documents[0].hits) <= 2 and {h.chunk.document_id for h in documents[0].hits} == {"manual"}
+    assert documents[0].hits[0].score == documents[0].score
+    store.close()
