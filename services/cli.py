@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from longbow.services.config import load_config
 
@@ -152,48 +153,100 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_query(args) -> int:
-    """Retrieve chunks for a question (citations), and with --answer generate an answer from them."""
+    """Retrieve for a query: documents with their best chunks (default) or chunks (--chunks), to stdout
+    (--json for machines); with --answer, generate an answer from them first."""
     config = load_config(args.config)
-    if args.address:
-        return _query_remote(args)
-    from longbow.rag.retrieve import open_retriever
-
-    store_url, data_dir = _rag_location(config)
-    retriever = open_retriever(store_url, data_dir)
-    if not args.answer:
-        _print_citations([(h.chunk.document_id, h.chunk.char_start, h.chunk.char_end, h.score, h.chunk.text)
-                          for h in retriever.retrieve(args.question, args.top_k)])
-        return 0
-    from longbow.rag.flows import run_flow
-
-    result = run_flow(args.flow, args.question, retriever, _embedded_lm(config), top_k=args.top_k,
-                      on_text=lambda text: print(text, end="", flush=True))
-    print()
-    _print_citations([(h.chunk.document_id, h.chunk.char_start, h.chunk.char_end, h.score, h.chunk.text)
-                      for h in result.hits])
+    try:
+        if args.address:
+            answer, documents = _query_remote(args)
+        else:
+            answer, documents = _query_embedded(args, config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_results(args, answer, documents)
     return 0
 
 
-def _query_remote(args) -> int:
+def _query_embedded(args, config) -> tuple[str | None, list[dict]]:
+    """Retrieval-only queries embed with the numpy MiniLM (no torch import: ~1 s instead of ~7 s)."""
+    from longbow.rag.minilm import shared_numpy_embedder
+    from longbow.rag.retrieve import open_retriever
+
+    store_url, data_dir = _rag_location(config)
+    if args.store_dir:
+        if not Path(args.store_dir).is_dir():
+            raise ValueError(f"--store-dir {args.store_dir}: no such directory (ingest creates it)")
+        store_url, data_dir = "", args.store_dir
+    retriever = open_retriever(store_url, data_dir, embedder=shared_numpy_embedder(),
+                               dense_kind=config.rag.dense_index, candidates=config.rag.candidates)
+    try:
+        if args.answer:
+            from longbow.rag.flows import run_flow
+
+            result = run_flow(args.flow, args.query, retriever, _embedded_lm(config), top_k=args.top_k,
+                              on_text=None if args.json else lambda text: print(text, end="", flush=True))
+            if not args.json:
+                print()
+            return result.answer, _group_citations([_hit_row(h) for h in result.hits], not args.chunks)
+        if args.chunks:
+            return None, _group_citations([_hit_row(h) for h in retriever.retrieve(args.query, args.top_k)], False)
+        return None, [{"document_id": d.document_id, "score": d.score, "citations": [_hit_row(h) for h in d.hits]}
+                      for d in retriever.retrieve_documents(args.query, args.top_k)]
+    finally:
+        retriever.store.close()
+
+
+def _query_remote(args) -> tuple[str | None, list[dict]]:
     from longbow.services.client.sdk import LongbowClient, LongbowError
 
     try:
         with LongbowClient(args.address, token=args.token or "") as client:
-            result = client.query(args.question, top_k=args.top_k, answer=args.answer,
+            result = client.query(args.query, top_k=args.top_k, answer=args.answer,
                                   flow=args.flow if args.answer else "")
     except LongbowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.answer:
-        print(result.answer)
-    _print_citations([(c.document_id, c.char_start, c.char_end, c.score, c.text) for c in result.citations])
-    return 0
+        raise ValueError(str(exc)) from None
+    rows = [{"document_id": c.document_id, "chunk_id": c.chunk_id, "char_start": c.char_start, "char_end": c.char_end,
+             "score": c.score, "text": c.text, "metadata": dict(c.metadata)} for c in result.citations]
+    return (result.answer if args.answer else None), _group_citations(rows, not args.chunks)
 
 
-def _print_citations(rows) -> None:
-    for rank, (document_id, start, end, score, text) in enumerate(rows, 1):
-        snippet = " ".join(text.split())[:100]
-        print(f"[{rank}] {document_id}:{start}-{end} score={score:.4f}  {snippet}", file=sys.stderr)
+def _hit_row(hit) -> dict:
+    c = hit.chunk
+    return {"document_id": c.document_id, "chunk_id": c.chunk_id, "char_start": c.char_start,
+            "char_end": c.char_end, "score": hit.score, "text": c.text, "metadata": dict(c.metadata)}
+
+
+def _group_citations(rows: list[dict], grouped: bool) -> list[dict]:
+    """Citations (best first) as documents in order of their best citation; ungrouped: one per citation."""
+    documents: dict = {}
+    for index, row in enumerate(rows):
+        key = row["document_id"] if grouped else index
+        documents.setdefault(key, {"document_id": row["document_id"], "score": row["score"], "citations": []})
+        documents[key]["citations"].append(row)
+    return list(documents.values())
+
+
+def _print_results(args, answer: str | None, documents: list[dict]) -> None:
+    if args.json:
+        payload = {"query": args.query, "documents": documents} if not args.chunks else \
+            {"query": args.query, "citations": [c for d in documents for c in d["citations"]]}
+        if answer is not None:
+            payload["answer"] = answer
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return
+    if answer is not None and args.address:
+        print(answer)
+    for rank, document in enumerate(documents, 1):
+        citations = document["citations"]
+        if args.chunks:
+            c = citations[0]
+            print(f"[{rank}] {c['document_id']}:{c['char_start']}-{c['char_end']} score={c['score']:.4f}  "
+                  f"{' '.join(c['text'].split())[:100]}")
+            continue
+        print(f"[{rank}] {document['document_id']} score={document['score']:.4f}")
+        for c in citations:
+            print(f"    {c['char_start']}-{c['char_end']} {c['score']:.4f}  {' '.join(c['text'].split())[:100]}")
 
 
 def cmd_context(args) -> int:
@@ -276,9 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--address", help="host:port of a running `longbow serve`")
     ingest.add_argument("--token", help="bearer token for a server with auth")
     ingest.set_defaults(fn=cmd_ingest)
-    query = sub.add_parser("query", help="retrieve chunks for a question; --answer generates an answer from them")
-    query.add_argument("question")
-    query.add_argument("--top-k", type=int, default=5)
+    query = sub.add_parser("query", help="retrieve documents (with their best chunks) for a query; --answer generates "
+                                          "an answer from them")
+    query.add_argument("query")
+    query.add_argument("--top-k", type=int, default=5, help="documents (chunks with --chunks) to return")
+    query.add_argument("--chunks", action="store_true", help="chunks best first, not grouped by document")
+    query.add_argument("--json", action="store_true", help="results as one JSON object on stdout")
+    query.add_argument("--store-dir", help="embedded store directory (default: rag.data_dir of the config)")
     query.add_argument("--answer", action="store_true", help="generate an answer (streamed) with --flow")
     query.add_argument("--flow", default="single", choices=["none", "single", "fixed_interval", "flare", "dragin"])
     query.add_argument("--address", help="host:port of a running `longbow serve`")

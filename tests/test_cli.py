@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from longbow.services.cli import main
@@ -22,8 +27,33 @@ def test_ingest_then_query_embedded(rag_dir, capsys):
     assert "2/2 documents" in capsys.readouterr().err
     assert main(["ingest", str(rag_dir), "--chunker", "sentence"]) == 0
     assert "2 unchanged" in capsys.readouterr().err  # idempotent
-    assert main(["query", "Who founded Zorblat?", "--top-k", "1"]) == 0
-    assert "zorblat.md:0-" in capsys.readouterr().err
+    assert main(["query", "Who founded Zorblat?", "--top-k", "1", "--chunks"]) == 0
+    assert "zorblat.md:0-" in capsys.readouterr().out
+
+
+def test_query_output_json_store_dir_and_no_noise(rag_dir, tmp_path, capsys):
+    """Results on stdout (grouped by document by default), --json, --store-dir; nothing on stderr; and a
+    retrieval-only query never imports torch (its import alone took ~3 s of the 5.9 s per call before)."""
+    store_dir = tmp_path / "elsewhere"
+    assert main(["ingest", str(rag_dir), "--chunker", "sentence"]) == 0
+    capsys.readouterr()
+    script = ("import sys, json; from longbow.services.cli import main; "
+              f"code = main(['query', 'Who founded Zorblat?', '--top-k', '2', '--json', '--store-dir', {str(rag_dir.parent / 'rag')!r}]); "
+              "assert 'torch' not in sys.modules and 'sentence_transformers' not in sys.modules, 'heavy import'; "
+              "sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LONGBOW_RAG_DIR": str(store_dir)})
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    result = json.loads(run.stdout)
+    assert result["query"] == "Who founded Zorblat?" and len(result["documents"]) == 2
+    best = result["documents"][0]
+    assert best["document_id"].endswith("zorblat.md") and best["citations"][0]["document_id"] == best["document_id"]
+    assert "Mira Tal" in " ".join(c["text"] for c in best["citations"])
+    assert main(["query", "Who founded Zorblat?", "--store-dir", str(store_dir)]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    store_dir.mkdir()
+    assert main(["query", "Who founded Zorblat?", "--store-dir", str(store_dir)]) == 0  # an empty store
+    assert capsys.readouterr().out == ""
 
 
 def test_ingest_errors_are_reported(rag_dir, tmp_path, capsys):
