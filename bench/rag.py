@@ -3,7 +3,7 @@ retrieval latency.
 
     python bench/rag.py [--seed 0] [--chunking-samples 3] [--pages 24] [--docs-per-page 5]
                         [--target-tokens 64] [--latency-chunks 100000] [--latency-queries 200]
-                        [--margin-retrieval] [--redis-url redis://...]
+                        [--margin-retrieval] [--redis-url redis://...] [--sections all|fusion]
 
 1. Chunking (rag.eval.synthetic.make_chunking_set, gold boundaries between topics): boundary F1 (a cut
    within 5 characters of a gold boundary matches it) and Pk for fixed / sentence / perplexity / margin,
@@ -14,6 +14,11 @@ retrieval latency.
    every chunker at equal mean chunk size (each chunker's target is searched so its mean chunk length
    matches the perplexity chunker's at --target-tokens). Margin sampling costs two forward passes per
    sentence, so on CPU it is run on the chunking set only unless --margin-retrieval is given.
+2b. Fusion rules (rag.eval.fusion), document level: every retriever and fusion rule ranks documents from
+   the same two candidate lists per question, on the stdlib paraphrase set (rag.eval.stdlib: module
+   docstrings, questions that avoid their words) and on the synthetic corpus. `--sections fusion` runs only
+   this (no language model, about a minute). Target (issue 17): hybrid Recall@5 and MRR@10 >= the best
+   single retriever's - 0.01 on both sets, and >= dense on the stdlib set.
 3. Ingest throughput: the pages through Ingestor (chunk + embed + atomic store write), chunks/s.
 4. Latency: --latency-chunks synthetic chunks (random words, random unit vectors) in the embedded store;
    HybridRetriever.retrieve end to end (query embedding, change-log catch-up, FAISS flat, BM25, RRF).
@@ -50,7 +55,9 @@ from longbow.rag.chunking import (
 from longbow.rag.chunking.base import chunks_from_boundaries, token_counts
 from longbow.rag.chunking.perplexity import pieces_to_boundaries, sentence_nll
 from longbow.rag.embed import shared_embedder
+from longbow.rag.eval.fusion import RULES, compare_rules
 from longbow.rag.eval.metrics import boundary_f1, pk
+from longbow.rag.eval.stdlib import make_stdlib_corpus
 from longbow.rag.eval.synthetic import make_chunking_set, make_corpus
 from longbow.rag.ingest import Ingestor
 from longbow.rag.retrieve import HybridRetriever
@@ -254,6 +261,56 @@ def retrieval_section(lm, args, workdir: Path) -> dict:
     return result
 
 
+# ---- 2b. fusion rules, document level, on the paraphrase set and the synthetic set --------------------
+
+FUSION_SETS = {"stdlib": 64, "synthetic": 16}  # sentence-chunker target (words): several chunks per document
+
+
+def fusion_section(args, workdir: Path) -> dict:
+    """Every retriever and fusion rule (rag.eval.fusion.RULES) on the same candidate lists, document-level
+    Recall@5 and MRR@10: the stdlib paraphrase set (rag.eval.stdlib) and the synthetic corpus."""
+    corpora = {"stdlib": make_stdlib_corpus(), "synthetic": make_corpus(args.seed)}
+    result = {}
+    for name, corpus in corpora.items():
+        log(f"fusion: {name}, {len(corpus.documents)} documents, {len(corpus.questions)} questions")
+        store = EmbeddedStore(workdir / f"fusion-{name}")
+        Ingestor(store).ingest(corpus.documents, "sentence", FUSION_SETS[name])
+        retriever = HybridRetriever(store)
+        rows = compare_rules(retriever, corpus)
+        result[name] = {"documents": len(corpus.documents), "chunks": len(retriever.index),
+                        "questions": len(corpus.questions), "target_words": FUSION_SETS[name],
+                        **{rule: {k: v for k, v in row.items() if k != "per_question"} for rule, row in rows.items()}}
+        store.close()
+    return result
+
+
+def print_fusion(fusion_results: dict) -> None:
+    sets = list(fusion_results)
+    print("\nFusion rules, document level (Recall@5 / MRR@10): " + ", ".join(
+        f"{s} {fusion_results[s]['questions']} questions over {fusion_results[s]['documents']} documents "
+        f"({fusion_results[s]['chunks']} chunks)" for s in sets))
+    print(f"{'rule':<24}" + "".join(f"{s:>18}" for s in sets))
+    for rule in RULES:
+        print(f"{rule:<24}" + "".join(f"{fusion_results[s][rule]['recall@5']:>10.3f} /{fusion_results[s][rule]['mrr@10']:>6.3f}"
+                                      for s in sets))
+
+
+def fusion_targets(fusion_results: dict) -> dict:
+    """Issue 17: hybrid >= max(dense, BM25) - 0.01 on both sets and both metrics; hybrid >= dense on stdlib."""
+    rows = {}
+    for name, row in fusion_results.items():
+        for metric in ("recall@5", "mrr@10"):
+            best = max(row["dense"][metric], row["bm25"][metric])
+            rows[f"{name}_{metric}"] = {"hybrid": row["hybrid"][metric], "best_single": best,
+                                        "met": row["hybrid"][metric] >= best - 0.01}
+        rows[f"{name}_hybrid_vs_dense"] = {"hybrid": row["hybrid"]["recall@5"], "dense": row["dense"]["recall@5"]}
+    stdlib = fusion_results.get("stdlib")
+    target = {"met": all(r.get("met", True) for r in rows.values())}
+    if stdlib:
+        target["met"] &= all(stdlib["hybrid"][m] >= stdlib["dense"][m] for m in ("recall@5", "mrr@10"))
+    return {"fusion_never_worse_than_best_input": {**target, "rows": {k: v for k, v in rows.items()}}}
+
+
 # ---- 3. ingest throughput ---------------------------------------------------------------------------
 
 def ingest_section(lm, args, workdir: Path) -> dict:
@@ -358,6 +415,9 @@ def latency_section(args, workdir: Path) -> dict:
 # ---- report ------------------------------------------------------------------------------------------
 
 def targets(results: dict) -> dict:
+    found = fusion_targets(results["fusion"]) if "fusion" in results else {}
+    if not {"retrieval", "latency"} <= results.keys():
+        return found
     retrieval, latency = results["retrieval"], results["latency"]
     fused = retrieval["perplexity"]["hybrid"]["recall@5"]
     best_single = max(retrieval["perplexity"]["bm25"]["recall@5"], retrieval["perplexity"]["dense"]["recall@5"])
@@ -365,6 +425,7 @@ def targets(results: dict) -> dict:
                     and retrieval[c]["hybrid"]["recall@5"] > max(retrieval[c]["bm25"]["recall@5"],
                                                                   retrieval[c]["dense"]["recall@5"])]
     return {
+        **found,
         "perplexity_beats_fixed_recall@5": {
             "perplexity": retrieval["perplexity"]["hybrid"]["recall@5"], "fixed": retrieval["fixed"]["hybrid"]["recall@5"],
             "met": retrieval["perplexity"]["hybrid"]["recall@5"] > retrieval["fixed"]["hybrid"]["recall@5"]},
@@ -376,6 +437,10 @@ def targets(results: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
+    if "fusion" in results:
+        print_fusion(results["fusion"])
+    if "chunking" not in results:
+        return print_targets(results)
     chunking, retrieval = results["chunking"], results["retrieval"]
     print("\nChunking (boundary F1 higher is better, Pk lower is better)")
     print(f"{'chunker':<12}{'F1':>8}{'Pk':>8}{'chunks':>8}")
@@ -402,6 +467,10 @@ def print_table(results: dict) -> None:
                   f"search p95 {row['search_p95_ms']:5.1f} ms | rebuild {row['rebuild_s']:.1f} s")
     print(f"(load average {latency['load_average_before']:.1f} before, {latency['load_average_after']:.1f} after, "
           f"on {os.cpu_count()} cores)")
+    print_targets(results)
+
+
+def print_targets(results: dict) -> None:
     print("\nTargets")
     for name, row in results["targets"].items():
         print(f"{'MET   ' if row['met'] else 'MISSED'} {name}: " + json.dumps({k: v for k, v in row.items() if k != 'met'}))
@@ -422,7 +491,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--ingest-pages", type=int, default=8, help="pages for the perplexity ingest run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rag.json"))
+    parser.add_argument("--sections", nargs="+", default=["all"], choices=["all", "fusion"],
+                        help="fusion: only the fusion comparison (no language model; about a minute)")
+    parser.add_argument("--out", help="default bench/results/rag.json (rag_fusion.json with --sections fusion)")
     return parser.parse_args(argv)
 
 
@@ -433,21 +504,29 @@ def main(argv: list[str] | None = None) -> dict:
     # NOTE: one OpenMP thread: on a shared 2-core machine, two threads per forward pass oversubscribe the
     # cores (a 383-token scoring pass took 12.7 s with 2 threads, 4.0 s with 1, at load average 7).
     torch.set_num_threads(args.threads)
-    log("loading SmolLM2-135M (CPU) and MiniLM")
-    lm = load_lm()
     with tempfile.TemporaryDirectory(prefix="longbow-bench-rag-") as tmp:
         workdir = Path(tmp)
         results = {"config": vars(args)}
+        results["fusion"] = fusion_section(args, workdir)
+        if "all" not in args.sections:
+            return finish(results, args)
+        log("loading SmolLM2-135M (CPU) and MiniLM")
+        lm = load_lm()
         results["chunking"] = chunking_section(lm, args)
         results["retrieval"] = retrieval_section(lm, args, workdir)
         results["ingest"] = ingest_section(lm, args, workdir)
         results["latency"] = latency_section(args, workdir)
+    return finish(results, args)
+
+
+def finish(results: dict, args) -> dict:
     results["targets"] = targets(results)
     results["wall_s"] = time.perf_counter() - _START
     print_table(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
-    log(f"wrote {args.out}")
+    out = Path(args.out or ROOT / "bench" / "results" / ("rag.json" if "all" in args.sections else "rag_fusion.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    log(f"wrote {out}")
     return results
 
 
