@@ -35,6 +35,9 @@ class EngineConfig:
     """One model replica. token_budget is SplitFuse's fixed tokens per forward pass."""
 
     token_budget: int = 0  # 0: by device, 512 on CPU and 2048 on a GPU (engine.default_token_budget)
+    # Tokens of document passes (edit sessions, engine/jobs.py) added to a step that also serves requests;
+    # a step with no request gives documents the whole token_budget. 0: token_budget // 16.
+    document_tokens: int = 0
     block_size: int = 16
     num_blocks: int = 2048  # KV capacity = num_blocks * block_size tokens
     max_seqs: int = 64  # sequences per step

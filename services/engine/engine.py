@@ -34,6 +34,7 @@ from longbow.services.engine.scheduler import blocks_for, make_scheduler
 from longbow.services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
 from longbow.services.engine.weights import LoadedModel, load_model
 from longbow.services.engine.executor import Executor
+from longbow.services.engine.jobs import Job, JobHandle, KVJobs
 from longbow.services.engine.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class Completion:
 
 class LLMEngine:
     """Schedule -> execute -> update, one step at a time. The engine is the only caller of its executor
-    (executor.py) and, through the scheduler's BlockPool, the only owner of KV blocks."""
+    (executor.py) and, through the scheduler's BlockPool, the only owner of KV blocks. Work on KV held
+    outside requests (edit sessions' documents) arrives as KV jobs (jobs.py): their passes ride in the
+    same steps as requests, `document_tokens` of them per step while requests run."""
 
     def __init__(self, config: LongbowConfig | None = None, loaded: LoadedModel | None = None,
                  executor: Executor | None = None):
@@ -94,6 +97,10 @@ class LLMEngine:
             token_budget=cfg.token_budget or default_token_budget(self.loaded.device), max_seqs=cfg.max_seqs,
             eos_ids=args.eos_token_ids, num_shards=max(1, cfg.shards),
         )
+        self.jobs = KVJobs(self.executor)
+        budget = self.scheduler.token_budget
+        self.document_tokens = cfg.document_tokens or max(16, budget // 16)
+        self._held_events: list[TokenEvent] = []  # request events of steps a synchronous run_job took
         self._ids = itertools.count()
         self.steps = 0
 
@@ -109,23 +116,55 @@ class LLMEngine:
         return self.scheduler.abort(request_id)  # raises UnknownRequestError; the executor hears next step
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.jobs.has_work() or bool(self._held_events)
+
+    # ---- KV jobs (jobs.py) -----------------------------------------------------------------------
+    def submit_job(self, job: Job, key: str | None = None, on_done=None) -> JobHandle:
+        """Start a KV job (a document encode, edit or prediction); it runs up to its first pass now and
+        then progresses with every step. Jobs with the same key run one after another."""
+        return self.jobs.submit(job, key, on_done)
+
+    def run_job(self, job: Job, key: str | None = None):
+        """Run a KV job to its end by stepping the engine (synchronous callers: tests, scripts); requests
+        in flight progress too, and their events come out of the next `step()`. Returns the job's result
+        or raises its error."""
+        handle = self.submit_job(job, key)
+        while not handle.done:
+            self._held_events += self._step()
+        if handle.error is not None:
+            raise handle.error
+        return handle.result
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        held, self._held_events = self._held_events, []
+        return held + self._step()
+
+    def _step(self) -> list[TokenEvent]:
         plan = self.scheduler.plan()
         refused = self.scheduler.take_refused()  # KV held outside requests (sessions) that was not given back
-        if not plan.chunks:
+        # SplitFuse for documents: beside requests a bounded share, so a long document never stalls streams
+        # for more than a slightly longer step; alone, the whole budget.
+        allowance = self.document_tokens if plan.chunks else self.scheduler.token_budget
+        documents = self.jobs.chunks(allowance) if self.jobs.has_work() else []
+        if not plan.chunks and not documents:
             return refused
+        full = dataclasses.replace(plan, chunks=plan.chunks + documents) if documents else plan
         try:
-            result = self.executor.execute(plan)
+            result = self.executor.execute(full)
         except EngineError as exc:
+            self.jobs.fail(documents, exc)
             return refused + self._fail_running(exc)
+        except BaseException as exc:
+            self.jobs.fail(documents, exc)
+            raise
         self.steps += 1
-        return refused + self.scheduler.update(plan, result)
+        events = self.scheduler.update(plan, result)
+        self.jobs.complete(documents, result)
+        return refused + events
 
     def _fail_running(self, error: EngineError) -> list[TokenEvent]:
         """A lost shard lost the KV of every running request: fail those (retriable), keep the queue."""
@@ -138,6 +177,7 @@ class LLMEngine:
         return events
 
     def shutdown(self) -> None:
+        self.jobs.fail_all(EngineStoppedError("engine is shut down"))
         self.executor.shutdown()
 
     # ---- conveniences --------------------------------------------------------------------------
@@ -252,6 +292,15 @@ class AsyncLLMEngine:
                 completion.add(event)
         return completion
 
+    async def run_job(self, job: Job, key: str | None = None):
+        """Run a KV job (jobs.py) on the engine thread, its passes in the engine's steps beside other
+        requests; returns its result or raises its error. Jobs with the same key run in submission order."""
+        return await asyncio.wrap_future(self.submit_job(job, key))
+
+    def submit_job(self, job: Job, key: str | None = None) -> concurrent.futures.Future:
+        """Queue a KV job without waiting (background work such as a session re-encode)."""
+        return self._submit(("job", job, key))
+
     async def call(self, fn, *args):
         """Run fn(engine, *args) on the engine thread (stats, admin) and return its result."""
         return await asyncio.wrap_future(self.call_soon(fn, *args))
@@ -316,6 +365,9 @@ class AsyncLLMEngine:
             elif kind == "call":
                 fn, fn_args = args
                 future.set_result(fn(self.engine, *fn_args))
+            elif kind == "job":
+                job, key = args
+                self.engine.submit_job(job, key, on_done=lambda handle: _settle(future, handle))
             else:
                 future.set_result(None)
         except Exception as exc:  # the caller gets its own error; the engine goes on
@@ -343,11 +395,19 @@ class AsyncLLMEngine:
         _post(loop, events, event)
 
     def _fail_all(self, error: Exception) -> None:
+        self.engine.jobs.fail_all(error)
         for request_id in list(self.engine.scheduler.sequences):
             self.engine.abort(request_id)
         for loop, events in self._streams.values():
             _post(loop, events, error)
         self._streams.clear()
+
+
+def _settle(future: concurrent.futures.Future, handle: JobHandle) -> None:
+    if handle.error is not None:
+        future.set_exception(handle.error)
+    else:
+        future.set_result(handle.result)
 
 
 def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, item) -> None:

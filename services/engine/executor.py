@@ -9,7 +9,7 @@ which splits every sequence's KV over N actors. The CLI and the gateway build on
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,13 +25,13 @@ class Executor(Protocol):
       (requests the executor has not seen; their `seed` is always set), then run ONE forward pass over
       `plan.chunks`: write each chunk's new K/V into `chunk.slots`, attend causally by position id over
       the chunk's KV (`block_table`/`kv_len`, or explicit `kv_slots`), and sample the next token of every
-      chunk with `sample` set. Returns a `StepResult` of plain Python values. A request whose own
+      chunk with `sample` set, except chunks with `want_logits` (document passes, jobs.py), whose last
+      row's logits go back in `StepResult.logits`. Chunks whose ids were never in `new_requests` are
+      document passes: no sampling state. Returns a `StepResult` of plain Python values (and those logits). A request whose own
       distribution cannot be sampled is reported in `StepResult.failed` (its batch-mates go on); a fault
       that loses KV (a dead shard) raises an `EngineError`, after which the engine fails the requests in
       flight and calls `recover()`.
-    - `forward(plan)`: a forward pass without sampling, returning the raw `ForwardOutput` (logits of the
-      sampled rows). Used by PIE documents (services/engine/pie.py) until their passes ride in `execute`.
-    - KV slot operations for documents kept across edits: `shift_slots(slots, delta, rotate)` moves the
+    - KV slot operations for documents kept across edits (run between steps, by the engine's KV jobs): `shift_slots(slots, delta, rotate)` moves the
       tokens in `slots` by `delta` positions (re-rotating keys when `rotate`), `copy_slots(source, target)`
       copies K, V and positions slot by slot; `read_keys(layer, slots)` / `read_positions(slots)` read
       them back (tests, diagnostics).
@@ -41,8 +41,6 @@ class Executor(Protocol):
     """
 
     def execute(self, plan: StepPlan) -> StepResult: ...
-
-    def forward(self, plan: StepPlan) -> Any: ...
 
     def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None: ...
 

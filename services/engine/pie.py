@@ -8,24 +8,26 @@ tokens but leaves later keys unrotated (fast, wrong relative positions).
 
 Token ids only; runs on the engine thread. Blocks come from the scheduler's BlockPool, so documents and
 requests share (and are limited by) one KV capacity. Storage order is free: positions are data
-(DESIGN.md), so inserted tokens take any free slot, on any shard. The KV is reached through the
-executor's slot interface (`forward`, `shift_slots`, `copy_slots`, `read_keys`), which the in-process
-Worker and the Ray ShardGroup both offer: on N shards each shard rotates the keys it holds and the
-forward passes attend across shards with a ringattn schedule.
+(DESIGN.md), so inserted tokens take any free slot, on any shard. Every operation that touches the model
+or the KV tensors is a KV job (jobs.py): the `*_job` generators yield forward passes, which ride in the
+engine's steps beside requests (SplitFuse), and slot operations (`shift_slots`, `copy_slots`,
+`read_keys`), which the in-process Worker and the Ray ShardGroup both offer: on N shards each shard
+rotates the keys it holds and the passes attend across shards with a ringattn schedule. The plain methods
+(`encode`, `replace`, `predict`, ...) run the same jobs to their end through the engine (`run_job`).
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from longbow.services.engine.errors import CapacityError
+from longbow.services.engine.jobs import ExecutorCall, Job, KVPass
 from longbow.services.engine.scheduler import BlockPool, blocks_for
-from longbow.services.engine.types import ScheduledChunk, StepPlan
 
 
 class UpdateMode(str, enum.Enum):
@@ -43,72 +45,103 @@ class UpdateStats:
 
 
 class DocumentKV:
-    """Token ids of a document and the cache slot of each; token k's cached position is k."""
+    """Token ids of a document and the cache slot of each; token k's cached position is k.
 
-    def __init__(self, executor, pool: BlockPool, block_size: int, chunk_tokens: int = 512):
-        self.executor, self.pool, self.block_size, self.chunk_tokens = executor, pool, block_size, chunk_tokens
+    `run(job)` runs a KV job to its end (the engine's `run_job`); only the plain methods use it."""
+
+    def __init__(self, pool: BlockPool, block_size: int, chunk_tokens: int = 512,
+                 run: Callable[[Job], object] | None = None):
+        self.pool, self.block_size, self.chunk_tokens, self._run = pool, block_size, chunk_tokens, run
         self.token_ids: list[int] = []
         self.slots: list[int] = []
         self.blocks: list[int] = []
         self._free: list[int] = []
-        self._ids = itertools.count()
 
     @classmethod
     def for_engine(cls, engine, chunk_tokens: int | None = None) -> "DocumentKV":
         cfg = engine.config.engine
-        return cls(engine.executor, engine.scheduler.pool, cfg.block_size, chunk_tokens or engine.scheduler.token_budget)
+        return cls(engine.scheduler.pool, cfg.block_size, chunk_tokens or engine.scheduler.token_budget,
+                   engine.run_job)
 
-    # ---- whole-document encoding ---------------------------------------------------------------
+    # ---- plain methods: each runs its job to the end -----------------------------------------------
     def encode(self, token_ids: list[int]) -> UpdateStats:
-        """(Re-)encode the whole document from scratch (opening, FULL, drift re-encodes)."""
-        began = time.perf_counter()
-        self._free += self.slots
-        self.token_ids, self.slots = [], []
-        self._insert_encoded(0, list(token_ids))
-        return UpdateStats(len(token_ids), 0, time.perf_counter() - began)
+        return self.run(self.encode_job(token_ids))
+
+    def replace(self, start: int, end: int, new_ids: list[int], mode: UpdateMode = UpdateMode.PIE) -> UpdateStats:
+        return self.run(self.replace_job(start, end, new_ids, mode))
+
+    def predict(self, prefix_tokens: int, extra_ids: list[int], max_tokens: int, stop_ids: set[int],
+                stop_when=None, first_allowed: list[int] | None = None) -> list[int]:
+        return self.run(self.predict_job(prefix_tokens, extra_ids, max_tokens, stop_ids, stop_when, first_allowed))
 
     def fork(self) -> "DocumentKV":
-        """An independent copy (its own slots, K/V copied, no model pass): try edits side by side.
-        Each copied slot sits on the same shard as its source, so the copy never crosses shards."""
-        twin = DocumentKV(self.executor, self.pool, self.block_size, self.chunk_tokens)
-        try:
-            mapping: dict[int, int] = {}
-            twin.slots = [twin._slot_like(slot, mapping) for slot in self.slots]
-        except BaseException:
-            twin.release()
-            raise
-        self.executor.copy_slots(list(self.slots), list(twin.slots))
-        twin.token_ids = list(self.token_ids)
-        return twin
+        return self.run(self.fork_job())
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """[T, Hkv, D] cached keys of the document in token order (tests, diagnostics)."""
+        by_slot = self.run(self._call(lambda executor: executor.read_keys(layer, list(self.slots))))
+        return torch.stack([by_slot[slot] for slot in self.slots])
+
+    def positions(self) -> list[int]:
+        by_slot = self.run(self._call(lambda executor: executor.read_positions(list(self.slots))))
+        return [by_slot[slot] for slot in self.slots]
+
+    def run(self, job: Job):
+        if self._run is None:
+            raise RuntimeError("this DocumentKV has no engine to run its jobs (build it with for_engine)")
+        return self._run(job)
 
     def release(self) -> None:
         self.pool.release(self.blocks)
         self.blocks, self._free, self.slots, self.token_ids = [], [], [], []
 
-    # ---- edits ---------------------------------------------------------------------------------
-    def replace(self, start: int, end: int, new_ids: list[int], mode: UpdateMode = UpdateMode.PIE) -> UpdateStats:
+    # ---- jobs (jobs.py) --------------------------------------------------------------------------
+    def encode_job(self, token_ids: list[int]) -> Job:
+        """(Re-)encode the whole document from scratch (opening, FULL, drift re-encodes)."""
+        began = time.perf_counter()
+        self._free += self.slots
+        self.token_ids, self.slots = [], []
+        yield from self._insert_encoded(0, list(token_ids))
+        return UpdateStats(len(token_ids), 0, time.perf_counter() - began)
+
+    def fork_job(self) -> Job:
+        """An independent copy (its own slots, K/V copied, no model pass): try edits side by side.
+        Each copied slot sits on the same shard as its source, so the copy never crosses shards."""
+        twin = DocumentKV(self.pool, self.block_size, self.chunk_tokens, self._run)
+        try:
+            mapping: dict[int, int] = {}
+            twin.slots = [twin._slot_like(slot, mapping) for slot in self.slots]
+            source, target = list(self.slots), list(twin.slots)
+            yield ExecutorCall(lambda executor: executor.copy_slots(source, target))
+        except BaseException:
+            twin.release()
+            raise
+        twin.token_ids = list(self.token_ids)
+        return twin
+
+    def replace_job(self, start: int, end: int, new_ids: list[int], mode: UpdateMode = UpdateMode.PIE) -> Job:
         """Tokens [start, end) become new_ids; KV updated by `mode`."""
         began = time.perf_counter()
         if mode == UpdateMode.FULL:
-            stats = self.encode([*self.token_ids[:start], *new_ids, *self.token_ids[end:]])
+            stats = yield from self.encode_job([*self.token_ids[:start], *new_ids, *self.token_ids[end:]])
             return UpdateStats(stats.tokens_encoded, 0, time.perf_counter() - began)
         if mode == UpdateMode.SUFFIX:
             suffix = [*new_ids, *self.token_ids[end:]]
             self._truncate(start)
-            self._insert_encoded(start, suffix)
+            yield from self._insert_encoded(start, suffix)
             return UpdateStats(len(suffix), 0, time.perf_counter() - began)
         delta = len(new_ids) - (end - start)
         later_slots = self.slots[end:]
         self._free += self.slots[start:end]
         self.token_ids[start:end], self.slots[start:end] = [], []
         if later_slots and delta:
-            self.executor.shift_slots(later_slots, delta, mode == UpdateMode.PIE)
-        self._insert_encoded(start, list(new_ids))
+            rotate = mode == UpdateMode.PIE
+            yield ExecutorCall(lambda executor: executor.shift_slots(later_slots, delta, rotate))
+        yield from self._insert_encoded(start, list(new_ids))
         return UpdateStats(len(new_ids), len(later_slots), time.perf_counter() - began)
 
-    # ---- prediction ----------------------------------------------------------------------------
-    def predict(self, prefix_tokens: int, extra_ids: list[int], max_tokens: int,
-                stop_ids: set[int], stop_when=None, first_allowed: list[int] | None = None) -> list[int]:
+    def predict_job(self, prefix_tokens: int, extra_ids: list[int], max_tokens: int,
+                    stop_ids: set[int], stop_when=None, first_allowed: list[int] | None = None) -> Job:
         """Greedy tokens continuing the first `prefix_tokens` tokens (+ extra_ids, e.g. the part of a
         token before the cursor). Later tokens stay cached but invisible; nothing cached is changed.
         `stop_when(generated_ids)` may end early (a finished line); `first_allowed` restricts the first
@@ -126,7 +159,8 @@ class DocumentKV:
             while len(generated) < max_tokens:
                 slots = self._take(len(feed))
                 scratch += slots
-                logits = self._forward(feed, list(range(position, position + len(feed))), slots, visible, sample=True)
+                logits = yield self._pass(feed, list(range(position, position + len(feed))), slots, visible,
+                                          want_logits=True)
                 visible, position = visible + slots, position + len(feed)
                 if first_allowed and not generated:
                     allowed = torch.tensor(first_allowed, dtype=torch.int64, device=logits.device)
@@ -143,28 +177,35 @@ class DocumentKV:
             self._free += scratch
         return generated
 
-    def keys(self, layer: int) -> torch.Tensor:
-        """[T, Hkv, D] cached keys of the document in token order (tests, diagnostics)."""
-        by_slot = self.executor.read_keys(layer, list(self.slots))
-        return torch.stack([by_slot[slot] for slot in self.slots])
-
-    def positions(self) -> list[int]:
-        by_slot = self.executor.read_positions(list(self.slots))
-        return [by_slot[slot] for slot in self.slots]
-
     # ---- internals -----------------------------------------------------------------------------
-    def _insert_encoded(self, start: int, new_ids: list[int]) -> None:
+    def _insert_encoded(self, start: int, new_ids: list[int]) -> Job:
         """Encode new_ids at positions start.. against the prefix only, and splice them in (at the end
-        when start == len(token_ids): opening, re-encoding, suffix recompute)."""
+        when start == len(token_ids): opening, re-encoding, suffix recompute). The engine may cut each
+        pass further to fit its steps."""
         new_slots: list[int] = []
         for lo in range(0, len(new_ids), self.chunk_tokens):
             chunk = new_ids[lo: lo + self.chunk_tokens]
             slots = self._take(len(chunk))
             positions = list(range(start + lo, start + lo + len(chunk)))
-            self._forward(chunk, positions, slots, self.slots[:start] + new_slots)
+            yield self._pass(chunk, positions, slots, self.slots[:start] + new_slots)
             new_slots += slots
         self.token_ids[start:start] = new_ids
         self.slots[start:start] = new_slots
+
+    @staticmethod
+    def _call(fn) -> Job:
+        return (yield ExecutorCall(fn))
+
+    def _pass(self, token_ids, positions, new_slots, visible_slots, want_logits: bool = False) -> KVPass:
+        """token_ids at positions, their K/V into new_slots, attending to visible_slots + themselves
+        (causally by position); with `want_logits` the job is sent the last row's logits [V]."""
+        last_shard = self.pool.shard_of(new_slots[-1] // self.block_size)
+        # Every pass sees the document's first tokens (token k at position k) and then its own: keys in
+        # position order, so attention can skip position masks.
+        in_order = positions[0] == len(visible_slots) and all(
+            b == a + 1 for a, b in zip(positions, positions[1:]))
+        return KVPass(list(token_ids), list(positions), list(new_slots), list(visible_slots), last_shard,
+                      want_logits, in_order)
 
     def _truncate(self, keep: int) -> None:
         self._free += self.slots[keep:]
@@ -201,14 +242,3 @@ class DocumentKV:
         target = mapping[source_block] * bs + slot % bs
         self._free.remove(target)
         return target
-
-    def _forward(self, token_ids, positions, new_slots, visible_slots, sample: bool = False) -> torch.Tensor | None:
-        """One forward pass of token_ids at positions, writing their K/V to new_slots and attending to
-        visible_slots + themselves (causally by position). The last row's logits [V] when `sample`."""
-        request_id = f"document-{id(self)}-{next(self._ids)}"
-        last_shard = self.pool.shard_of(new_slots[-1] // self.block_size)
-        chunk = ScheduledChunk(request_id, list(token_ids), list(positions), list(new_slots), block_table=[],
-                               kv_len=len(visible_slots) + len(new_slots), sample=sample, num_generated=0,
-                               shard=last_shard, kv_slots=(*visible_slots, *new_slots))
-        output = self.executor.forward(StepPlan([chunk]))
-        return output.sample_logits.get(request_id) if sample else None

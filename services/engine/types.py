@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from longbow.services.engine.errors import InvalidRequestError
 
@@ -99,6 +100,12 @@ class ScheduledChunk:
     # Global slots of every key the chunk may see (its own new ones included), when they are not simply
     # the first kv_len positions of block_table: an edited document (PIE) whose tokens sit anywhere.
     kv_slots: tuple[int, ...] | None = None
+    # Return the last row's logits (StepResult.logits) instead of sampling: a document pass whose job picks
+    # its tokens itself (jobs.py). Set together with `sample`, so the row's logits are computed.
+    want_logits: bool = False
+    # The explicit kv_slots hold positions 0..len-1 in list order (a document's invariant: its token k sits
+    # at position k), so attention may take the index-order fast path instead of masks by position id.
+    kv_in_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,3 +138,5 @@ class StepResult:
     # request id -> logprobs of the chunk's tokens given their prefixes (first prompt token excluded)
     prompt_logprobs: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why it alone failed this step
+    # chunk id -> last-row logits [V] of chunks with `want_logits` (a tensor on the executor's device)
+    logits: dict[str, Any] = field(default_factory=dict)

@@ -96,7 +96,8 @@ def build_step_inputs(plan: StepPlan, layout: ShardLayout, shard: int, device: t
     kv_start = np.concatenate(([0], np.cumsum([len(k) for k in kv_lists])))
     logit_lists = [_logit_rows(c, row_start[b], row_start[b + 1], shard) for b, c in enumerate(chunks)]
     logit_start = np.concatenate(([0], np.cumsum([len(r) for r in logit_lists])))
-    kv_in_order = np.array([c.kv_slots is None and layout.num_shards == 1 for c in chunks], dtype=bool)
+    kv_in_order = np.array([(c.kv_slots is None or c.kv_in_order) and layout.num_shards == 1 for c in chunks],
+                           dtype=bool)
     parts = [tokens, positions, slots - base, *kv_lists, *logit_lists]
     packed = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
     if device.type == "cuda":
@@ -185,7 +186,7 @@ class ModelRunner:
         return True
 
     def forward(self, plan: StepPlan) -> ForwardOutput:
-        """The forward pass as plain per-request values (the shard group's and PIE documents' form)."""
+        """The forward pass as plain per-request values (the shard group's form)."""
         logits, inputs, meta = self.run(plan)
         out = ForwardOutput(prompt_logprobs=self.prompt_logprobs(plan, logits, inputs))
         for b, chunk in enumerate(plan.chunks):
@@ -283,7 +284,10 @@ class StepSampler:
         for chunk in plan.chunks:
             if chunk.request_id in output.prompt_logprobs:
                 result.prompt_logprobs[chunk.request_id] = [lp for _, lp in sorted(output.prompt_logprobs[chunk.request_id])]
-        sampling = [c for c in plan.chunks if c.sample]
+        for chunk in plan.chunks:
+            if chunk.want_logits:
+                result.logits[chunk.request_id] = output.sample_logits[chunk.request_id].to(self.device)
+        sampling = [c for c in plan.chunks if c.sample and not c.want_logits]
         if sampling:
             logits = torch.stack([output.sample_logits[c.request_id].to(self.device) for c in sampling])
             self.sample(sampling, logits, output.attention, result)
@@ -325,8 +329,12 @@ class Worker:
         logits, inputs, meta = self.runner.run(plan)
         result = StepResult(prompt_logprobs={rid: [lp for _, lp in sorted(pairs)] for rid, pairs in
                                              self.runner.prompt_logprobs(plan, logits, inputs).items()})
-        sampling = [c for c in plan.chunks if c.sample]
-        sampling_rows = [int(inputs.logit_start[b + 1]) - 1 for b, c in enumerate(plan.chunks) if c.sample]
+        last_rows = [int(inputs.logit_start[b + 1]) - 1 for b in range(len(plan.chunks))]
+        for b, chunk in enumerate(plan.chunks):
+            if chunk.want_logits:  # a document pass picks its own token (jobs.py)
+                result.logits[chunk.request_id] = logits[last_rows[b]]
+        sampling = [c for c in plan.chunks if c.sample and not c.want_logits]
+        sampling_rows = [last_rows[b] for b, c in enumerate(plan.chunks) if c.sample and not c.want_logits]
         attention = {rid: _by_position(row, self.cache, meta, rid) for rid, row in meta.attention_rows.items()}
         if sampling:
             rows = torch.tensor(sampling_rows, dtype=torch.int64, device=logits.device)
@@ -341,9 +349,6 @@ class Worker:
         self.sampler.sample(plan.chunks, logits, {}, result)
         self.graph_steps += 1
         return result
-
-    def forward(self, plan: StepPlan) -> ForwardOutput:
-        return self.runner.forward(plan)
 
     def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None:
         self.runner.shift_slots(slots, delta, rotate)

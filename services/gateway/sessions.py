@@ -1,7 +1,10 @@
-"""Edit-session RPCs (PIE): decode, run one SessionManager call on the engine thread, encode.
+"""Edit-session RPCs (PIE): decode, run one SessionManager job on the engine thread, encode.
 
-The SessionManager lives on the engine thread (its KV is the engine's); every call goes through
-`AsyncLLMEngine.call`. A drift re-encode is queued behind the reply so ApplyEdits answers first.
+The SessionManager lives on the engine thread (its KV is the engine's). Every call is a KV job
+(`AsyncLLMEngine.run_job`, engine/jobs.py) keyed by its session id, so one session's calls run in the order
+they arrived while their model passes share the engine's steps with every other stream (an 8k-token open
+costs other streams a few tokens per step, not a stall). A drift re-encode is queued behind the reply so
+ApplyEdits answers first.
 Clients are told apart by the `x-client-id` metadata, else by their peer address (per-client limits).
 Budgets and eviction live in the SessionManager (services/text/sessions.py); an evicted or expired session's
 next call is NOT_FOUND saying why, through the one error interceptor (errors.py).
@@ -16,6 +19,7 @@ import logging
 from longbow.v1 import sessions_pb2 as pb
 from longbow.v1 import sessions_pb2_grpc
 from longbow.services.engine.errors import InvalidRequestError
+from longbow.services.engine.jobs import immediate
 from longbow.services.engine.pie import UpdateMode
 from longbow.services.text.sessions import SessionManager, TextEdit
 from longbow.services.gateway.runtime import GatewayRuntime
@@ -37,29 +41,31 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         mode = _MODES.get(request.update_mode)
         if mode is None:
             raise InvalidRequestError(f"unknown update_mode {request.update_mode}")
-        session = await self._call(SessionManager.open, request.text, _client(context),
-                                   float(request.idle_timeout_s), mode)
+        session = await self.engine.run_job(
+            self.manager.open_job(request.text, _client(context), float(request.idle_timeout_s), mode))
         self.metrics.sessions_open.set(len(self.manager.sessions))
         return pb.OpenSessionResponse(session_id=session.session_id, tokens=len(session.document.token_ids))
 
     async def ApplyEdits(self, request, context):
         edits = [TextEdit(e.start, e.end, e.text) for e in request.edits]
-        outcome = await self._call(SessionManager.apply_edits, request.session_id, edits)
+        outcome = await self.engine.run_job(self.manager.apply_edits_job(request.session_id, edits),
+                                            key=request.session_id)
         self.metrics.session_update_seconds.observe(outcome.seconds)
         if outcome.reencode_due:
-            # Queued on the engine thread now, before the reply leaves: the client's next call on this
-            # session runs after it (commands are FIFO) and sees exact KV again. The reply does not wait.
-            done = self.engine.call_soon(lambda engine: self.manager.reencode(request.session_id))
+            # Queued under the session's key now, before the reply leaves: the client's next call on this
+            # session runs after it (same key, FIFO) and sees exact KV again. The reply does not wait.
+            done = self.engine.submit_job(self.manager.reencode_job(request.session_id), key=request.session_id)
             done.add_done_callback(self._reencoded)
         return pb.ApplyEditsResponse(tokens=outcome.tokens, tokens_encoded=outcome.tokens_encoded,
                                      update_seconds=outcome.seconds, reencode_scheduled=outcome.reencode_due)
 
     async def Predict(self, request, context):
-        text = await self._call(SessionManager.predict, request.session_id, request.cursor, request.max_tokens)
+        text = await self.engine.run_job(
+            self.manager.predict_job(request.session_id, request.cursor, request.max_tokens), key=request.session_id)
         return pb.PredictResponse(text=text)
 
     async def CloseSession(self, request, context):
-        await self._call(SessionManager.close, request.session_id)
+        await self.engine.run_job(immediate(self.manager.close, request.session_id), key=request.session_id)
         self.metrics.sessions_open.set(len(self.manager.sessions))
         return pb.CloseSessionResponse()
 

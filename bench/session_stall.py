@@ -1,0 +1,182 @@
+"""What an edit session's open costs the other streams (issue 16): a stream's inter-token gaps while a
+session opens an N-token document, three ways in one run on the real model:
+
+- alone: the stream with no session (its own gaps: the reference);
+- scheduled: the open as a KV job (engine/jobs.py, how the gateway runs it): its passes ride in the
+  engine's steps beside the stream, `engine.document_tokens` tokens per step;
+- blocking: the same open run to its end as one call on the engine thread (how OpenSession ran before
+  jobs): the stream gets no token until the open has finished.
+
+The gaps counted are those between tokens that arrive while the open runs (and the first after it).
+Target (issue 16): the scheduled max gap <= 2x the stream's max gap alone.
+
+    python bench/session_stall.py                       # 8,000-token document, CPU, the bundled model
+    python bench/session_stall.py --doc-tokens 2000     # quicker
+Table on stdout, progress on stderr, JSON in bench/results/session_stall.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from longbow.services.config import EngineConfig, LongbowConfig, ModelSource, SessionsConfig
+from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+from longbow.services.engine.types import Request, SamplingParams
+from longbow.services.engine.weights import load_model, load_tokenizer
+from longbow.services.text.sessions import SessionManager
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--doc-tokens", type=int, default=8000, help="tokens of the document the session opens")
+    p.add_argument("--document-tokens", type=int, default=0,
+                   help="engine.document_tokens (document tokens per step beside requests); 0: engine default")
+    p.add_argument("--alone-tokens", type=int, default=48, help="tokens of the stream measured alone")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "session_stall.json"))
+    return p.parse_args(argv)
+
+
+def document_text(tokenizer, tokens: int) -> str:
+    """Standard-library source (sorted, reproducible) cut to about `tokens` tokens."""
+    pieces, count = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        pieces.append(text)
+        count += len(tokenizer(text, add_special_tokens=False).input_ids)
+        if count >= tokens:
+            break
+    ids = tokenizer("".join(pieces), add_special_tokens=False).input_ids[:tokens]
+    return tokenizer.decode(ids)
+
+
+async def stream_tokens(engine: AsyncLLMEngine, prompt: list[int], arrivals: list[float], stop: asyncio.Event,
+                        limit: int) -> None:
+    """Generate until `stop` is set (or `limit` tokens), recording each token's arrival time."""
+    params = SamplingParams(max_tokens=limit, ignore_eos=True)
+    events = engine.stream(Request(f"stream-{time.monotonic_ns()}", prompt, params))
+    try:
+        async for event in events:
+            if event.token_id is not None:
+                arrivals.append(time.perf_counter())
+            if stop.is_set() or len(arrivals) >= limit:
+                return
+    finally:
+        await events.aclose()
+
+
+def gaps_between(arrivals: list[float], start: float, end: float) -> list[float]:
+    """Gaps between consecutive arrivals from the last one before `start` to the first one after `end`."""
+    before = [t for t in arrivals if t <= start]
+    after = [t for t in arrivals if t > end]
+    window = ([before[-1]] if before else []) + [t for t in arrivals if start < t <= end] + after[:1]
+    return [b - a for a, b in zip(window, window[1:])]
+
+
+async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, mode: str, prompt: list[int],
+                   limit: int) -> dict:
+    arrivals: list[float] = []
+    stop = asyncio.Event()
+    stream = asyncio.create_task(stream_tokens(engine, prompt, arrivals, stop, limit))
+    while len(arrivals) < 8:  # the stream is decoding steadily before the open starts
+        await asyncio.sleep(0.005)
+    start = time.perf_counter()
+    if mode == "scheduled":
+        session = await engine.run_job(manager.open_job(text))
+    else:  # the whole open inside one engine-thread call: the old OpenSession
+        session = await engine.call(lambda _engine: manager.open(text))
+    end = time.perf_counter()
+    tokens_during = sum(1 for t in arrivals if start < t <= end)
+    while not [t for t in arrivals if t > end]:
+        await asyncio.sleep(0.005)
+    stop.set()
+    await stream
+    await engine.call(lambda _engine: manager.close(session.session_id))
+    gaps = gaps_between(arrivals, start, end)
+    return {"open_s": end - start, "document_tokens": len(session.document.token_ids),
+            "stream_tokens_during_open": tokens_during, "max_gap_ms": 1e3 * max(gaps),
+            "median_gap_ms": 1e3 * statistics.median(gaps), "gaps": len(gaps)}
+
+
+async def run_alone(engine: AsyncLLMEngine, prompt: list[int], tokens: int) -> dict:
+    arrivals: list[float] = []
+    await stream_tokens(engine, prompt, arrivals, asyncio.Event(), tokens)
+    gaps = [b - a for a, b in zip(arrivals[4:], arrivals[5:])]  # after the prompt's prefill and warm-up
+    return {"max_gap_ms": 1e3 * max(gaps), "median_gap_ms": 1e3 * statistics.median(gaps), "gaps": len(gaps)}
+
+
+async def main_async(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log("loading the bundled model (first run converts it, ~30 s)")
+    loaded = load_model(ModelSource(device="cpu", dtype="float32"))
+    tokenizer = load_tokenizer(loaded.checkpoint)
+    config = LongbowConfig(engine=EngineConfig(document_tokens=args.document_tokens),
+                           sessions=SessionsConfig(max_document_tokens=max(16384, args.doc_tokens)))
+    llm = LLMEngine(config, loaded)
+    engine = AsyncLLMEngine(llm)
+    manager = SessionManager(llm, tokenizer, config.sessions)
+    text = document_text(tokenizer, args.doc_tokens)
+    prompt = tokenizer("Write a long story about a lighthouse keeper who", add_special_tokens=False).input_ids
+    limit = max(64, llm.max_model_len - len(prompt) - args.doc_tokens - 64)
+    results = {"document_tokens_per_step": llm.document_tokens, "token_budget": llm.scheduler.token_budget}
+    try:
+        log("warm-up: a short open and a short stream")
+        await run_open(engine, manager, text[:2000], "scheduled", prompt, limit)
+        log(f"stream alone ({args.alone_tokens} tokens)")
+        results["alone"] = await run_alone(engine, prompt, args.alone_tokens)
+        for mode in ("scheduled", "blocking"):
+            log(f"{mode}: opening a {args.doc_tokens}-token document beside the stream")
+            results[mode] = await run_open(engine, manager, text, mode, prompt, limit)
+            results[mode]["max_gap_vs_alone"] = results[mode]["max_gap_ms"] / results["alone"]["max_gap_ms"]
+            log(f"{mode}: open {results[mode]['open_s']:.1f} s, max gap {results[mode]['max_gap_ms']:.0f} ms")
+    finally:
+        engine.shutdown()
+    return results
+
+
+def table(results: dict) -> str:
+    alone = results["alone"]
+    rows = ["| stream | open s | tokens during open | max gap ms | median gap ms | max gap / alone |",
+            "|---|---|---|---|---|---|",
+            f"| alone | - | - | {alone['max_gap_ms']:.0f} | {alone['median_gap_ms']:.0f} | 1.00 |"]
+    for mode in ("scheduled", "blocking"):
+        r = results[mode]
+        rows.append(f"| {mode} open | {r['open_s']:.1f} | {r['stream_tokens_during_open']} | {r['max_gap_ms']:.0f} | "
+                    f"{r['median_gap_ms']:.0f} | {r['max_gap_vs_alone']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = asyncio.run(main_async(args))
+    results["args"] = vars(args)
+    results["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads(), "machine": platform.machine()}
+    print(f"document {results['scheduled']['document_tokens']} tokens; engine.document_tokens "
+          f"{results['document_tokens_per_step']} per step beside requests (token budget {results['token_budget']})")
+    print(table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    log(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
