@@ -198,12 +198,14 @@ def _query_embedded(args, config) -> tuple[str | None, list[dict]]:
 
 
 def _query_remote(args) -> tuple[str | None, list[dict]]:
+    from longbow.rag.retrieve import CHUNKS_PER_DOCUMENT
     from longbow.services.client.sdk import LongbowClient, LongbowError
 
     try:
         with LongbowClient(args.address, token=args.token or "") as client:
             result = client.query(args.query, top_k=args.top_k, answer=args.answer,
-                                  flow=args.flow if args.answer else "")
+                                  flow=args.flow if args.answer else "", grouping="chunks" if args.chunks else "documents",
+                                  chunks_per_document=CHUNKS_PER_DOCUMENT)
     except LongbowError as exc:
         raise ValueError(str(exc)) from None
     rows = [{"document_id": c.document_id, "chunk_id": c.chunk_id, "char_start": c.char_start, "char_end": c.char_end,

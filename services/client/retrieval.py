@@ -20,6 +20,7 @@ from longbow.services.client.errors import LongbowError
 
 CHUNKERS = {"": pb.CHUNKER_UNSPECIFIED, "fixed": pb.CHUNKER_FIXED, "sentence": pb.CHUNKER_SENTENCE,
             "perplexity": pb.CHUNKER_PERPLEXITY, "margin": pb.CHUNKER_MARGIN}
+GROUPINGS = {"": pb.GROUPING_UNSPECIFIED, "documents": pb.GROUPING_DOCUMENTS, "chunks": pb.GROUPING_CHUNKS}
 FLOWS = {"": pb.FLOW_UNSPECIFIED, "none": pb.FLOW_NO_RETRIEVAL, "single": pb.FLOW_SINGLE,
          "fixed_interval": pb.FLOW_FIXED_INTERVAL, "flare": pb.FLOW_FLARE, "dragin": pb.FLOW_DRAGIN}
 _BATCH_BYTES = 4 * 1024 * 1024  # under the server's default receive limit (~5 MB, gateway/limits.py)
@@ -92,9 +93,10 @@ def ingest_requests(documents: Iterable, chunker: str, target_chunk_tokens: int,
 
 
 def query_request(query: str, top_k: int, filters: Mapping[str, str] | None, answer: bool, flow: str,
-                  max_tokens: int) -> pb.QueryRequest:
+                  max_tokens: int, grouping: str = "", chunks_per_document: int = 0) -> pb.QueryRequest:
     return pb.QueryRequest(query=query, top_k=top_k, filters=dict(filters or {}), answer=answer,
-                           flow=_option(FLOWS, flow, "flow"), sampling=gen_pb.SamplingOptions(max_tokens=max_tokens))
+                           flow=_option(FLOWS, flow, "flow"), sampling=gen_pb.SamplingOptions(max_tokens=max_tokens),
+                           grouping=_option(GROUPINGS, grouping, "grouping"), chunks_per_document=chunks_per_document)
 
 
 def _citation(c: pb.Citation) -> Citation:
@@ -152,10 +154,12 @@ class RetrievalCalls:
         return self._call(self._retrieval_stub.Delete, pb.DeleteRequest(document_ids=list(document_ids))).deleted
 
     def query(self, query: str, *, top_k: int = 5, filters: Mapping[str, str] | None = None, answer: bool = False,
-              flow: str = "", max_tokens: int = 0) -> QueryResult:
+              flow: str = "", max_tokens: int = 0, grouping: str = "", chunks_per_document: int = 0) -> QueryResult:
         """Citations for `query`, best first; with answer=True also the answer of `flow`
-        ("" server default = single, none, fixed_interval, flare, dragin)."""
-        response = self._call(self._retrieval_stub.Query, query_request(query, top_k, filters, answer, flow, max_tokens))
+        ("" server default = single, none, fixed_interval, flare, dragin). grouping: "" or "documents"
+        (top_k documents, each as up to chunks_per_document chunks, 0 = 1) or "chunks" (top_k chunks)."""
+        request = query_request(query, top_k, filters, answer, flow, max_tokens, grouping, chunks_per_document)
+        response = self._call(self._retrieval_stub.Query, request)
         return QueryResult([_citation(c) for c in response.citations], response.answer)
 
     def query_stream(self, query: str, *, top_k: int = 5, filters: Mapping[str, str] | None = None,
@@ -204,8 +208,9 @@ class AsyncRetrievalCalls:
         return response.deleted
 
     async def query(self, query: str, *, top_k: int = 5, filters: Mapping[str, str] | None = None,
-                    answer: bool = False, flow: str = "", max_tokens: int = 0) -> QueryResult:
-        request = query_request(query, top_k, filters, answer, flow, max_tokens)
+                    answer: bool = False, flow: str = "", max_tokens: int = 0, grouping: str = "",
+                    chunks_per_document: int = 0) -> QueryResult:
+        request = query_request(query, top_k, filters, answer, flow, max_tokens, grouping, chunks_per_document)
         response = await self._call(self._retrieval_stub.Query, request)
         return QueryResult([_citation(c) for c in response.citations], response.answer)
 

@@ -37,6 +37,8 @@ _CHUNKERS = {pb.CHUNKER_FIXED: "fixed", pb.CHUNKER_SENTENCE: "sentence", pb.CHUN
              pb.CHUNKER_MARGIN: "margin"}
 _FLOWS = {pb.FLOW_UNSPECIFIED: "single", pb.FLOW_NO_RETRIEVAL: "none", pb.FLOW_SINGLE: "single",
           pb.FLOW_FIXED_INTERVAL: "fixed_interval", pb.FLOW_FLARE: "flare", pb.FLOW_DRAGIN: "dragin"}
+_GROUPINGS = {pb.GROUPING_UNSPECIFIED: "documents", pb.GROUPING_DOCUMENTS: "documents", pb.GROUPING_CHUNKS: "chunks"}
+MAX_CHUNKS_PER_DOCUMENT = 10
 _DONE = object()  # ends a thread's stream
 MAX_QUERY_CHARS = 10_000
 MAX_DELETE_IDS = 10_000
@@ -255,12 +257,30 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         top_k = request.top_k or 5
         if top_k > self.config.max_top_k:
             raise InvalidRequestError(f"top_k must be at most {self.config.max_top_k}, got {top_k}")
+        if request.chunks_per_document > MAX_CHUNKS_PER_DOCUMENT:
+            raise InvalidRequestError(f"chunks_per_document must be at most {MAX_CHUNKS_PER_DOCUMENT}, "
+                                      f"got {request.chunks_per_document}")
         return {"question": request.query, "top_k": top_k, "filters": dict(request.filters) or None,
                 "flow": _enum_name(_FLOWS, request.flow, "flow"),
+                "grouping": _enum_name(_GROUPINGS, request.grouping, "grouping"),
+                "chunks_per_document": request.chunks_per_document or 1,
                 "max_tokens": request.sampling.max_tokens or self.runtime.config.gateway.default_max_tokens}
 
     def _retrieve(self, args: dict) -> list[Hit]:
-        return self.retriever.retrieve(args["question"], args["top_k"], args["filters"])
+        """Chunks, or documents (best first) each as its best chunks in a row: see QueryRequest.grouping."""
+        if args["grouping"] == "chunks":
+            return self.retriever.retrieve(args["question"], args["top_k"], args["filters"])
+        documents = self.retriever.retrieve_documents(args["question"], args["top_k"], args["filters"],
+                                                      args["chunks_per_document"])
+        return [hit for document in documents for hit in document.hits]
+
+    @staticmethod
+    def _cited(args: dict, hits: list[Hit]) -> list[pb.Citation]:
+        """An answer's citations; grouped by document (in order of each one's first hit) unless chunks."""
+        if args["grouping"] == "documents":
+            order = {d: i for i, d in enumerate(dict.fromkeys(h.chunk.document_id for h in hits))}
+            hits = sorted(hits, key=lambda h: order[h.chunk.document_id])  # stable: hit order within a document
+        return [citation_to_pb(h) for h in hits]
 
     def _answer(self, args: dict, on_text=None):
         from longbow.rag.flows import run_flow  # NOTE: imported late: flows pull in the generation modules
@@ -274,7 +294,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             hits = await _on_thread(self._retrieve, args)
             return pb.QueryResponse(citations=[citation_to_pb(h) for h in hits])
         result = await _on_thread(self._answer, args)
-        return pb.QueryResponse(citations=[citation_to_pb(h) for h in result.hits], answer=result.answer)
+        return pb.QueryResponse(citations=self._cited(args, result.hits), answer=result.answer)
 
     async def QueryStream(self, request: pb.QueryRequest, context) -> AsyncIterator[pb.QueryChunk]:
         args = self._query_args(request)
@@ -284,7 +304,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             return
         async for finished, item in _stream_from_thread(lambda emit: self._answer(args, on_text=emit)):
             if finished:
-                yield pb.QueryChunk(citations=[citation_to_pb(h) for h in item.hits], done=True)
+                yield pb.QueryChunk(citations=self._cited(args, item.hits), done=True)
             else:
                 yield pb.QueryChunk(text=item)
 

@@ -109,6 +109,8 @@ def _query(**request):
     (_query(query="x", flow=99), "unknown flow"),
     (_query(query="x", top_k=101), "top_k"),
     (_query(query="   "), "empty"),
+    (_query(query="x", grouping=7), "unknown grouping"),
+    (_query(query="x", chunks_per_document=11), "chunks_per_document"),
     (lambda c: c._retrieval_stub.Delete(pb.DeleteRequest(), timeout=60), "document ids"),
 ])
 def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(client, call, message):
@@ -116,6 +118,26 @@ def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(client, 
         call(client)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
     assert client.query("still serving?", top_k=1) is not None
+
+
+def test_query_citations_grouped_by_document(client):
+    """Default: top_k documents, one chunk each; chunks_per_document adds each one's next chunks in a row;
+    grouping="chunks" gives plain chunks, where one long document can fill the list."""
+    tag = uuid.uuid4().hex[:8]
+    long = ("The Brask kettle boils water in two minutes. Descale the Brask kettle with vinegar. "
+            "The Brask kettle warranty covers the heating element. A Brask kettle lid is sold separately.")
+    client.ingest([{"document_id": f"{tag}-long", "text": long, "metadata": {"tag": tag}},
+                   *documents(tag)], chunker="sentence", target_chunk_tokens=8)
+    query, only = "Brask kettle care and warranty", {"tag": tag}
+    grouped = [c.document_id for c in client.query(query, top_k=3, filters=only).citations]
+    assert grouped[0] == f"{tag}-long" and len(grouped) == len(set(grouped)) == 3
+    several = [c.document_id for c in client.query(query, top_k=2, filters=only, chunks_per_document=3).citations]
+    assert several[:3] == [f"{tag}-long"] * 3 and len(set(several)) == 2  # documents in a row, up to 3 chunks
+    assert 4 <= len(several) <= 6 and several[3:] == [several[3]] * len(several[3:])
+    chunks = client.query(query, top_k=3, filters=only, grouping="chunks").citations
+    assert [c.document_id for c in chunks] == [f"{tag}-long"] * 3
+    assert [c.score for c in chunks] == sorted((c.score for c in chunks), reverse=True)
+    client.delete([f"{tag}-long", *(f"{tag}-{i}" for i in range(len(FACTS)))])
 
 
 def test_sdk_reports_errors_as_longbow_error(client):
