@@ -10,7 +10,8 @@ Rules, each with a test in tests/rag/test_analyzer.py:
 3. Identifiers are split and kept whole: `read_text` -> read_text, read, text; `getValue` -> getvalue,
    get, value; `HTTPServer` -> httpserver, http, server; `__len__` -> __len__, len.
 4. Light stemming (Harman's S-stemmer, words of 4+ letters): `dicts` -> dict, `queries` -> query,
-   `classes` -> class (-sses/-xes/-ches/-shes lose -es, where Harman's rule leaves classe); nothing else is stemmed, so `process`, `status`, `bytes`... stay recognisable.
+   `classes` -> class (-sses/-xes/-ches/-shes lose -es, where Harman's rule leaves classe); nothing
+   else is stemmed, so `process`, `status`, `bytes`... stay recognisable.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ DocumentOf = Callable[[int], str]
 
 @dataclass
 class Ranked:
-    """A document in a fused ranking: its score and its chunks as (chunk id, score), best first (its evidence)."""
+    """A document in a fused ranking: its score and its chunks as (chunk id, score), best first."""
 
     document_id: str
     score: float
@@ -33,7 +33,7 @@ class Ranked:
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence], rrf_k: int = RRF_K) -> list[tuple[object, float]]:
-    """score(d) = sum over rankings of 1 / (rrf_k + rank_d), rank from 1; best first, ties by first appearance."""
+    """score(d) = sum over rankings of 1 / (rrf_k + rank_d), rank from 1; best first, ties by first seen."""
     scores: dict[object, float] = {}
     for ranking in rankings:
         for rank, item in enumerate(ranking, start=1):
@@ -55,7 +55,8 @@ def single(candidates: Candidates, document_of: DocumentOf) -> list[Ranked]:
     return _group(candidates, document_of)
 
 
-def chunk_rrf(dense: Candidates, sparse: Candidates, document_of: DocumentOf, rrf_k: int = RRF_K) -> list[Ranked]:
+def chunk_rrf(dense: Candidates, sparse: Candidates, document_of: DocumentOf,
+              rrf_k: int = RRF_K) -> list[Ranked]:
     """RRF over chunks, then grouped: the design before issue 17 (loses to dense on paraphrases)."""
     fused = reciprocal_rank_fusion([[i for i, _ in dense], [i for i, _ in sparse]], rrf_k)
     return _group(fused, document_of)
@@ -74,7 +75,8 @@ def document_rrf(dense: Candidates, sparse: Candidates, document_of: DocumentOf,
     return [Ranked(d, scores[d], evidence[d]) for d in order]
 
 
-def _evidence(dense: Candidates, sparse: Candidates, document_of: DocumentOf) -> dict[str, list[tuple[int, float]]]:
+def _evidence(dense: Candidates, sparse: Candidates,
+              document_of: DocumentOf) -> dict[str, list[tuple[int, float]]]:
     """Each document's chunks from either list, in chunk-RRF order with their RRF scores."""
     return {r.document_id: r.chunks for r in chunk_rrf(dense, sparse, document_of)}
 
@@ -111,5 +113,5 @@ def document_score_fusion(dense: Candidates, sparse: Candidates, document_of: Do
 
 
 def fuse(dense: Candidates, sparse: Candidates, document_of: DocumentOf) -> list[Ranked]:
-    """The hybrid retriever's rule (module docstring): score fusion at DENSE_WEIGHT, documents by best chunk."""
+    """The hybrid retriever's rule (module docstring): score fusion at DENSE_WEIGHT."""
     return score_fusion(dense, sparse, document_of, DENSE_WEIGHT)

@@ -52,11 +52,12 @@ class NumpyEmbedder:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         tokenizer.no_padding()
         tokenizer.enable_truncation(MAX_TOKENS)
-        weights = {k: v.astype(np.float32, copy=False) for k, v in load_file(str(path / "model.safetensors")).items()}
+        tensors = load_file(str(path / "model.safetensors"))
+        weights = {k: v.astype(np.float32, copy=False) for k, v in tensors.items()}
         return tokenizer, weights
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        from threadpoolctl import threadpool_limits  # a dependency of scikit-learn, hence sentence-transformers
+        from threadpoolctl import threadpool_limits  # required by scikit-learn <- sentence-transformers
 
         # NOTE: one BLAS thread: a query's matrices are tiny; on this loaded 2-core machine two OpenBLAS
         # threads took 100-440 ms per query, one thread 15-25 ms.
@@ -67,7 +68,8 @@ class NumpyEmbedder:
     def _encode(self, text: str) -> np.ndarray:
         tokenizer, w = self._model
         ids = np.asarray(tokenizer.encode(text).ids)  # [T] with [CLS] ... [SEP]
-        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:len(ids)]
+        x = (w["embeddings.word_embeddings.weight"][ids]
+             + w["embeddings.position_embeddings.weight"][:len(ids)]
              + w["embeddings.token_type_embeddings.weight"][0])
         x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])  # [T, 384]
         for layer in range(6):
@@ -88,7 +90,8 @@ class NumpyEmbedder:
         x = _layer_norm(attended + x, w[prefix + "attention.output.LayerNorm.weight"],
                         w[prefix + "attention.output.LayerNorm.bias"])
         hidden = linear("output.dense", _gelu(linear("intermediate.dense", x)))
-        return _layer_norm(hidden + x, w[prefix + "output.LayerNorm.weight"], w[prefix + "output.LayerNorm.bias"])
+        return _layer_norm(hidden + x, w[prefix + "output.LayerNorm.weight"],
+                           w[prefix + "output.LayerNorm.bias"])
 
 
 @functools.cache

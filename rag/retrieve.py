@@ -12,7 +12,7 @@ import numpy as np
 
 from longbow.rag import fusion
 from longbow.rag.embed import Embedder, shared_embedder
-from longbow.rag.fusion import RRF_K, reciprocal_rank_fusion  # noqa: F401 (public names of this module before)
+from longbow.rag.fusion import RRF_K, reciprocal_rank_fusion  # noqa: F401 (this module's names before)
 from longbow.rag.index import LiveIndex
 from longbow.rag.store import Store, open_store
 from longbow.rag.types import DocumentHit, Hit, Retriever

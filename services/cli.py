@@ -190,9 +190,11 @@ def _query_embedded(args, config) -> tuple[str | None, list[dict]]:
                 print()
             return result.answer, _group_citations([_hit_row(h) for h in result.hits], not args.chunks)
         if args.chunks:
-            return None, _group_citations([_hit_row(h) for h in retriever.retrieve(args.query, args.top_k)], False)
-        return None, [{"document_id": d.document_id, "score": d.score, "citations": [_hit_row(h) for h in d.hits]}
-                      for d in retriever.retrieve_documents(args.query, args.top_k)]
+            hits = retriever.retrieve(args.query, args.top_k)
+            return None, _group_citations([_hit_row(h) for h in hits], False)
+        documents = retriever.retrieve_documents(args.query, args.top_k)
+        return None, [{"document_id": d.document_id, "score": d.score,
+                       "citations": [_hit_row(h) for h in d.hits]} for d in documents]
     finally:
         retriever.store.close()
 
@@ -204,12 +206,14 @@ def _query_remote(args) -> tuple[str | None, list[dict]]:
     try:
         with LongbowClient(args.address, token=args.token or "") as client:
             result = client.query(args.query, top_k=args.top_k, answer=args.answer,
-                                  flow=args.flow if args.answer else "", grouping="chunks" if args.chunks else "documents",
+                                  flow=args.flow if args.answer else "",
+                                  grouping="chunks" if args.chunks else "documents",
                                   chunks_per_document=CHUNKS_PER_DOCUMENT)
     except LongbowError as exc:
         raise ValueError(str(exc)) from None
-    rows = [{"document_id": c.document_id, "chunk_id": c.chunk_id, "char_start": c.char_start, "char_end": c.char_end,
-             "score": c.score, "text": c.text, "metadata": dict(c.metadata)} for c in result.citations]
+    rows = [{"document_id": c.document_id, "chunk_id": c.chunk_id, "char_start": c.char_start,
+             "char_end": c.char_end, "score": c.score, "text": c.text, "metadata": dict(c.metadata)}
+            for c in result.citations]
     return (result.answer if args.answer else None), _group_citations(rows, not args.chunks)
 
 
@@ -248,7 +252,8 @@ def _print_results(args, answer: str | None, documents: list[dict]) -> None:
             continue
         print(f"[{rank}] {document['document_id']} score={document['score']:.4f}")
         for c in citations:
-            print(f"    {c['char_start']}-{c['char_end']} {c['score']:.4f}  {' '.join(c['text'].split())[:100]}")
+            snippet = " ".join(c["text"].split())[:100]
+            print(f"    {c['char_start']}-{c['char_end']} {c['score']:.4f}  {snippet}")
 
 
 def cmd_context(args) -> int:
@@ -331,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--address", help="host:port of a running `longbow serve`")
     ingest.add_argument("--token", help="bearer token for a server with auth")
     ingest.set_defaults(fn=cmd_ingest)
-    query = sub.add_parser("query", help="retrieve documents (with their best chunks) for a query; --answer generates "
-                                          "an answer from them")
+    query = sub.add_parser("query", help="retrieve documents (with their best chunks) for a query; "
+                                          "--answer generates an answer from them")
     query.add_argument("query")
     query.add_argument("--top-k", type=int, default=5, help="documents (chunks with --chunks) to return")
     query.add_argument("--chunks", action="store_true", help="chunks best first, not grouped by document")

@@ -37,9 +37,12 @@ def test_query_output_json_store_dir_and_no_noise(rag_dir, tmp_path, capsys):
     store_dir = tmp_path / "elsewhere"
     assert main(["ingest", str(rag_dir), "--chunker", "sentence"]) == 0
     capsys.readouterr()
-    script = ("import sys, json; from longbow.services.cli import main; "
-              f"code = main(['query', 'Who founded Zorblat?', '--top-k', '2', '--json', '--store-dir', {str(rag_dir.parent / 'rag')!r}]); "
-              "assert 'torch' not in sys.modules and 'sentence_transformers' not in sys.modules, 'heavy import'; "
+    argv = ["query", "Who founded Zorblat?", "--top-k", "2", "--json",
+            "--store-dir", str(rag_dir.parent / "rag")]
+    script = ("import sys; from longbow.services.cli import main; "
+              f"code = main({argv!r}); "
+              "assert 'torch' not in sys.modules, 'torch imported'; "
+              "assert 'sentence_transformers' not in sys.modules, 'sentence_transformers imported'; "
               "sys.exit(code)")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "LONGBOW_RAG_DIR": str(store_dir)})
@@ -47,7 +50,8 @@ def test_query_output_json_store_dir_and_no_noise(rag_dir, tmp_path, capsys):
     result = json.loads(run.stdout)
     assert result["query"] == "Who founded Zorblat?" and len(result["documents"]) == 2
     best = result["documents"][0]
-    assert best["document_id"].endswith("zorblat.md") and best["citations"][0]["document_id"] == best["document_id"]
+    assert best["document_id"].endswith("zorblat.md")
+    assert best["citations"][0]["document_id"] == best["document_id"]
     assert "Mira Tal" in " ".join(c["text"] for c in best["citations"])
     assert main(["query", "Who founded Zorblat?", "--store-dir", str(store_dir)]) == 2
     assert "no such directory" in capsys.readouterr().err

@@ -23,8 +23,10 @@ RULES: dict[str, Rule] = {
     "document_rrf": fusion.document_rrf,
     "document_rrf_top10": functools.partial(fusion.document_rrf, cutoff=10),
     "document_rrf_dense2x": functools.partial(fusion.document_rrf, weights=(1.0, 0.5)),
-    **{f"score_{w}": functools.partial(fusion.score_fusion, dense_weight=w) for w in (0.5, 0.6, 0.7, 0.8, 0.9)},
-    **{f"document_score_{w}": functools.partial(fusion.document_score_fusion, dense_weight=w) for w in (0.5, 0.75)},
+    **{f"score_{w}": functools.partial(fusion.score_fusion, dense_weight=w)
+       for w in (0.5, 0.6, 0.7, 0.8, 0.9)},
+    **{f"document_score_{w}": functools.partial(fusion.document_score_fusion, dense_weight=w)
+       for w in (0.5, 0.75)},
 }
 
 
@@ -53,5 +55,6 @@ def compare_rules(retriever: HybridRetriever, corpus: Corpus, rules: dict[str, R
         for name, rule in rules.items():
             ranked = [r.document_id for r in rule(dense, sparse, document_of)]
             scores[name].append(document_metrics(ranked, question.gold_document_ids))
-    return {name: {"recall@5": statistics.fmean(r for r, _ in rows), "mrr@10": statistics.fmean(m for _, m in rows),
-                   "per_question": rows} for name, rows in scores.items()}
+    return {name: {"recall@5": statistics.fmean(r for r, _ in rows),
+                   "mrr@10": statistics.fmean(m for _, m in rows), "per_question": rows}
+            for name, rows in scores.items()}

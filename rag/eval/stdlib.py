@@ -19,7 +19,8 @@ from longbow.rag.types import Document
 QUESTIONS: list[tuple[str, str]] = [
     ("heapq", "How do I always pull out the smallest item first from a collection that keeps changing?"),
     ("bisect", "Where does a new value belong in an already ordered list so that it stays ordered?"),
-    ("functools", "How can I remember results of an expensive call so repeating it with the same inputs is instant?"),
+    ("functools",
+     "How can I remember results of an expensive call so repeating it with the same inputs is instant?"),
     ("collections", "Which container tallies how many times each thing occurs?"),
     ("textwrap", "How do I break a long paragraph into lines no wider than a fixed number of characters?"),
     ("difflib", "How can I suggest the most similar spellings from a list when someone mistypes a word?"),
@@ -53,7 +54,8 @@ QUESTIONS: list[tuple[str, str]] = [
     ("smtplib", "How do I send mail through an outgoing mail server?"),
     ("weakref", "How do I refer to an object without keeping it alive?"),
     ("abc", "How do I declare a base class whose methods every subclass must provide?"),
-    ("contextlib", "How do I write a function that sets something up and guarantees cleanup when a block ends?"),
+    ("contextlib",
+     "How do I write a function that sets something up and guarantees cleanup when a block ends?"),
     ("dataclasses", "How do I get __init__ and __repr__ generated automatically from annotated fields?"),
     ("enum", "How do I define a fixed set of named constants such as colours or states?"),
     ("typing", "How do I annotate that a parameter may be a list of ints or nothing at all?"),
@@ -61,9 +63,11 @@ QUESTIONS: list[tuple[str, str]] = [
     ("dis", "How do I see the low-level instructions the interpreter executes for a function?"),
     ("ast", "How do I turn Python source into a structure I can walk and rewrite?"),
     ("traceback", "How do I print the chain of calls that led to an exception?"),
-    ("warnings", "How do I tell users a function will go away in a future release without stopping the program?"),
+    ("warnings",
+     "How do I tell users a function will go away in a future release without stopping the program?"),
     ("unittest", "How do I organise automated checks of my code into classes with setup and assertions?"),
-    ("doctest", "Can the examples written in my function documentation be run to verify they still give the shown output?"),
+    ("doctest",
+     "Can the examples in my function documentation be run to check they still give the shown output?"),
     ("timeit", "How do I measure accurately how long a tiny snippet takes?"),
     ("pdb", "How do I pause my program and step through it line by line?"),
     ("gc", "How do I reclaim objects that point at each other in loops?"),
@@ -81,7 +85,8 @@ QUESTIONS: list[tuple[str, str]] = [
     ("array", "How do I store a long sequence of numbers of one type compactly?"),
     ("io", "How do I treat an in-memory string as if it were an open file?"),
     ("platform", "How do I find out which operating system and processor my code runs on?"),
-    ("faulthandler", "How do I get a Python stack dump when the interpreter crashes with a segmentation fault?"),
+    ("faulthandler",
+     "How do I get a Python stack dump when the interpreter crashes with a segmentation fault?"),
     ("xml.etree.ElementTree", "How do I parse a hierarchical markup document and iterate over its elements?"),
     ("ftplib", "How do I upload files to a remote machine over the old file transfer protocol?"),
     ("http.server", "How do I serve the files of the current folder to a browser for quick local testing?"),
@@ -100,7 +105,7 @@ MAX_CHARS = 8000
 
 
 def module_text(name: str, max_chars: int = MAX_CHARS) -> str:
-    """The module's docstring, then `name: first paragraph` of each public class and function defined there."""
+    """The module's docstring, then `name: first paragraph` of each public class and function of it."""
     module = importlib.import_module(name)
     parts = [inspect.getdoc(module) or ""]
     public = getattr(module, "__all__", None) or [a for a in dir(module) if not a.startswith("_")]
@@ -117,7 +122,8 @@ def module_text(name: str, max_chars: int = MAX_CHARS) -> str:
 def make_stdlib_corpus(max_chars: int = MAX_CHARS) -> Corpus:
     """Documents (id = module name) for every asked-about and distractor module, and the questions."""
     names = list(dict.fromkeys([name for name, _ in QUESTIONS] + DISTRACTORS))
-    documents = [Document(name, text, {"kind": "stdlib"}) for name in names if (text := module_text(name, max_chars))]
+    documents = [Document(name, text, {"kind": "stdlib"})
+                 for name in names if (text := module_text(name, max_chars))]
     present = {d.document_id for d in documents}
     questions = [Question(f"stdlib-{i}", text, "", 1, [name], []) for i, (name, text) in enumerate(QUESTIONS)
                  if name in present]

@@ -96,7 +96,8 @@ def query_request(query: str, top_k: int, filters: Mapping[str, str] | None, ans
                   max_tokens: int, grouping: str = "", chunks_per_document: int = 0) -> pb.QueryRequest:
     return pb.QueryRequest(query=query, top_k=top_k, filters=dict(filters or {}), answer=answer,
                            flow=_option(FLOWS, flow, "flow"), sampling=gen_pb.SamplingOptions(max_tokens=max_tokens),
-                           grouping=_option(GROUPINGS, grouping, "grouping"), chunks_per_document=chunks_per_document)
+                           grouping=_option(GROUPINGS, grouping, "grouping"),
+                           chunks_per_document=chunks_per_document)
 
 
 def _citation(c: pb.Citation) -> Citation:
@@ -154,11 +155,13 @@ class RetrievalCalls:
         return self._call(self._retrieval_stub.Delete, pb.DeleteRequest(document_ids=list(document_ids))).deleted
 
     def query(self, query: str, *, top_k: int = 5, filters: Mapping[str, str] | None = None, answer: bool = False,
-              flow: str = "", max_tokens: int = 0, grouping: str = "", chunks_per_document: int = 0) -> QueryResult:
+              flow: str = "", max_tokens: int = 0, grouping: str = "",
+              chunks_per_document: int = 0) -> QueryResult:
         """Citations for `query`, best first; with answer=True also the answer of `flow`
         ("" server default = single, none, fixed_interval, flare, dragin). grouping: "" or "documents"
         (top_k documents, each as up to chunks_per_document chunks, 0 = 1) or "chunks" (top_k chunks)."""
-        request = query_request(query, top_k, filters, answer, flow, max_tokens, grouping, chunks_per_document)
+        request = query_request(query, top_k, filters, answer, flow, max_tokens, grouping,
+                                chunks_per_document)
         response = self._call(self._retrieval_stub.Query, request)
         return QueryResult([_citation(c) for c in response.citations], response.answer)
 
@@ -210,7 +213,8 @@ class AsyncRetrievalCalls:
     async def query(self, query: str, *, top_k: int = 5, filters: Mapping[str, str] | None = None,
                     answer: bool = False, flow: str = "", max_tokens: int = 0, grouping: str = "",
                     chunks_per_document: int = 0) -> QueryResult:
-        request = query_request(query, top_k, filters, answer, flow, max_tokens, grouping, chunks_per_document)
+        request = query_request(query, top_k, filters, answer, flow, max_tokens, grouping,
+                                chunks_per_document)
         response = await self._call(self._retrieval_stub.Query, request)
         return QueryResult([_citation(c) for c in response.citations], response.answer)
 

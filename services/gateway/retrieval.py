@@ -37,7 +37,8 @@ _CHUNKERS = {pb.CHUNKER_FIXED: "fixed", pb.CHUNKER_SENTENCE: "sentence", pb.CHUN
              pb.CHUNKER_MARGIN: "margin"}
 _FLOWS = {pb.FLOW_UNSPECIFIED: "single", pb.FLOW_NO_RETRIEVAL: "none", pb.FLOW_SINGLE: "single",
           pb.FLOW_FIXED_INTERVAL: "fixed_interval", pb.FLOW_FLARE: "flare", pb.FLOW_DRAGIN: "dragin"}
-_GROUPINGS = {pb.GROUPING_UNSPECIFIED: "documents", pb.GROUPING_DOCUMENTS: "documents", pb.GROUPING_CHUNKS: "chunks"}
+_GROUPINGS = {pb.GROUPING_UNSPECIFIED: "documents", pb.GROUPING_DOCUMENTS: "documents",
+              pb.GROUPING_CHUNKS: "chunks"}
 MAX_CHUNKS_PER_DOCUMENT = 10
 _DONE = object()  # ends a thread's stream
 MAX_QUERY_CHARS = 10_000
@@ -279,7 +280,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         """An answer's citations; grouped by document (in order of each one's first hit) unless chunks."""
         if args["grouping"] == "documents":
             order = {d: i for i, d in enumerate(dict.fromkeys(h.chunk.document_id for h in hits))}
-            hits = sorted(hits, key=lambda h: order[h.chunk.document_id])  # stable: hit order within a document
+            hits = sorted(hits, key=lambda h: order[h.chunk.document_id])  # stable: a document's own order
         return [citation_to_pb(h) for h in hits]
 
     def _answer(self, args: dict, on_text=None):

@@ -117,4 +117,4 @@ def test_bm25_ranks_and_filters():
     assert sparse.search("the of", 10, None) == [] and sparse.search("unknownword", 10, None) == []
     sparse.remove([2])
     assert [i for i, _ in sparse.search("red", 10, None)] == [1]
-    assert bm25_terms("The Fox's 2 DOGS!") == ["fox", "s", "2", "dog", "!"]  # rules: tests/rag/test_analyzer.py
+    assert bm25_terms("The Fox's 2 DOGS!") == ["fox", "s", "2", "dog", "!"]  # rules: test_analyzer.py

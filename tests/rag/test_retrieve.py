@@ -74,14 +74,15 @@ def test_bounds_and_empty_store(store, tmp_path):
 
 
 def test_documents_grouped_with_their_chunks_as_evidence(tmp_path):
-    long_document = Document("manual", "The kettle boils water in two minutes. " * 3 + "Descale the kettle with vinegar monthly. "
+    long_document = Document("manual", "The kettle boils water in two minutes. " * 3
+                             + "Descale the kettle with vinegar monthly. "
                              "The warranty covers the heating element for two years.")
     store = EmbeddedStore(tmp_path / "grouped")
     Ingestor(store).ingest([long_document, *DOCUMENTS], "sentence", 8)
     retriever = HybridRetriever(store)
     chunks = retriever.retrieve("kettle warranty and descaling", top_k=4)
     documents = retriever.retrieve_documents("kettle warranty and descaling", top_k=2, chunks_per_document=2)
-    assert [h.chunk.document_id for h in chunks].count("manual") >= 2  # ungrouped: one document fills the list
+    assert [h.chunk.document_id for h in chunks].count("manual") >= 2  # ungrouped: one document fills it
     assert len(documents) == 2 and len({d.document_id for d in documents}) == 2
     assert documents[0].document_id == "manual" and documents[0].score >= documents[1].score
     assert 1 <= len(documents[0].hits) <= 2 and {h.chunk.document_id for h in documents[0].hits} == {"manual"}
