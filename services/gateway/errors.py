@@ -38,6 +38,11 @@ class NotFoundError(LookupError):
     """A named thing (session, document, file) does not exist."""
 
 
+class WrongReplicaError(Exception):
+    """The call names state (an edit session) that lives on another replica: FAILED_PRECONDITION, not
+    retriable here; the client must send it to the replica that owns the state."""
+
+
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (codectx_errors.OutsideWorkspaceError, grpc.StatusCode.PERMISSION_DENIED),
     (codectx_errors.NotReadableError, grpc.StatusCode.PERMISSION_DENIED),
@@ -45,6 +50,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (WrongReplicaError, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (EngineError, grpc.StatusCode.UNAVAILABLE),  # a failed step: retriable

@@ -8,6 +8,9 @@ ApplyEdits answers first.
 Clients are told apart by the `x-client-id` metadata, else by their peer address (per-client limits).
 Budgets and eviction live in the SessionManager (services/text/sessions.py); an evicted or expired session's
 next call is NOT_FOUND saying why, through the one error interceptor (errors.py).
+Sessions live in one replica: their ids carry the replica id (`gateway.replica_id`, else the host name, the
+pod name in Kubernetes), and a call naming another replica's session is FAILED_PRECONDITION naming both
+replicas before the manager is asked (docs/kubernetes.md, session affinity).
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 
 from longbow.v1 import sessions_pb2 as pb
 from longbow.v1 import sessions_pb2_grpc
 from longbow.services.engine.errors import InvalidRequestError
 from longbow.services.engine.jobs import immediate
 from longbow.services.engine.pie import UpdateMode
-from longbow.services.text.sessions import SessionManager, TextEdit
+from longbow.services.config import GatewayConfig
+from longbow.services.text.sessions import SessionManager, TextEdit, replica_of
+from longbow.services.gateway.errors import WrongReplicaError
 from longbow.services.gateway.runtime import GatewayRuntime
 
 log = logging.getLogger(__name__)
@@ -34,7 +40,9 @@ EXPIRY_PERIOD_S = 5.0
 class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     def __init__(self, runtime: GatewayRuntime):
         self.engine, self.metrics = runtime.engine, runtime.metrics
-        self.manager = SessionManager(runtime.engine.engine, runtime.tokenizer, runtime.config.sessions)
+        self.replica = replica_id(runtime.config.gateway)
+        self.manager = SessionManager(runtime.engine.engine, runtime.tokenizer, runtime.config.sessions,
+                                      id_prefix=self.replica)
         self._expiry = runtime.loop.create_task(self._expire_forever())
 
     async def OpenSession(self, request, context):
@@ -47,6 +55,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         return pb.OpenSessionResponse(session_id=session.session_id, tokens=len(session.document.token_ids))
 
     async def ApplyEdits(self, request, context):
+        self._check_replica(request.session_id)
         edits = [TextEdit(e.start, e.end, e.text) for e in request.edits]
         outcome = await self.engine.run_job(self.manager.apply_edits_job(request.session_id, edits),
                                             key=request.session_id)
@@ -60,14 +69,23 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
                                      update_seconds=outcome.seconds, reencode_scheduled=outcome.reencode_due)
 
     async def Predict(self, request, context):
+        self._check_replica(request.session_id)
         text = await self.engine.run_job(
             self.manager.predict_job(request.session_id, request.cursor, request.max_tokens), key=request.session_id)
         return pb.PredictResponse(text=text)
 
     async def CloseSession(self, request, context):
+        self._check_replica(request.session_id)
         await self.engine.run_job(immediate(self.manager.close, request.session_id), key=request.session_id)
         self.metrics.sessions_open.set(len(self.manager.sessions))
         return pb.CloseSessionResponse()
+
+    def _check_replica(self, session_id: str) -> None:
+        owner = replica_of(session_id)
+        if owner is not None and owner != self.replica:
+            raise WrongReplicaError(
+                f"session {session_id!r} lives on replica {owner!r}, this is replica {self.replica!r}: edit sessions "
+                f"are replica-local, so send its calls to {owner!r} (session affinity), or open a new session here")
 
     async def close(self) -> None:
         self._expiry.cancel()
@@ -91,6 +109,11 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             log.warning("background session re-encode failed: %s", future.exception())
         elif future.result():
             self.metrics.session_reencodes.inc()
+
+
+def replica_id(config: GatewayConfig) -> str:
+    """This replica's name in session ids: gateway.replica_id (LONGBOW_REPLICA_ID), else the host name."""
+    return config.replica_id or socket.gethostname()
 
 
 def _client(context) -> str:

@@ -79,10 +79,18 @@ class Session:
     closed: bool = False  # closed while busy: the last job to end releases the KV
 
 
+def replica_of(session_id: str) -> str | None:
+    """The replica id a session id was minted with ("<replica>/s3-..."), None for an id without one."""
+    replica, slash, _ = session_id.rpartition("/")
+    return replica if slash else None
+
+
 class SessionManager:
     def __init__(self, engine: LLMEngine, tokenizer, config: SessionsConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, id_prefix: str = ""):
         self.engine, self.tokenizer = engine, tokenizer
+        # The gateway passes its replica id: a session id names the replica holding its KV ("<replica>/s3-...").
+        self.id_prefix = id_prefix
         self.config, self.clock = config or SessionsConfig(), clock
         self.sessions: dict[str, Session] = {}
         self.reencodes = 0
@@ -117,7 +125,7 @@ class SessionManager:
             raise
         finally:
             del self._opening[id(kv)]
-        session_id = f"s{next(self._ids)}-{secrets.token_hex(6)}"
+        session_id = self._new_id()
         # A client may ask for a shorter or longer idle timeout, never past the server's cap.
         timeout = min(idle_timeout_s or self.config.idle_timeout_s, self.config.max_idle_timeout_s)
         session = Session(session_id, client, document, kv, timeout, self.clock(), mode)
@@ -139,7 +147,7 @@ class SessionManager:
         if source.closed:  # closed while its KV was being copied: the copy goes too
             kv.release()
             raise UnknownRequestError(f"session {session_id!r} was closed while it was being forked")
-        session_id = f"s{next(self._ids)}-{secrets.token_hex(6)}"
+        session_id = self._new_id()
         session = Session(session_id, source.client, source.document, kv, source.idle_timeout_s, self.clock(),
                           mode or source.mode, source.changed_since_encode, source.edits_since_encode)
         self.sessions[session_id] = session
@@ -304,6 +312,10 @@ class SessionManager:
             session.busy -= 1
             if session.closed and not session.busy:
                 session.kv.release()
+
+    def _new_id(self) -> str:
+        local = f"s{next(self._ids)}-{secrets.token_hex(6)}"
+        return f"{self.id_prefix}/{local}" if self.id_prefix else local
 
     def _get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
