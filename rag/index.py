@@ -248,6 +248,11 @@ class LiveIndex:
         sets = [self._postings.get(pair, set()) for pair in filters.items()]
         return np.fromiter(set.intersection(*sets), np.int64)
 
+    def document_chunk_ids(self, document_id: str) -> list[int]:
+        """The document's chunk ids in text order (chunks are contiguous and cover the text)."""
+        with self.lock:
+            return list(self._documents.get(document_id, ("", []))[1])
+
     def document_hashes(self) -> dict[str, str]:
         with self.lock:
             return {d: h for d, (h, _) in self._documents.items()}

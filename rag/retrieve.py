@@ -6,6 +6,8 @@ is the one-call entry point for embedded use and the gateway."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,16 @@ from longbow.rag.embed import Embedder, shared_embedder
 from longbow.rag.fusion import RRF_K, reciprocal_rank_fusion  # noqa: F401 (this module's names before)
 from longbow.rag.index import LiveIndex
 from longbow.rag.store import Store, open_store
-from longbow.rag.types import DocumentHit, Hit, Retriever
+from longbow.rag.types import Chunk, DocumentHit, Hit, Retriever
 
 MODES = ("hybrid", "dense", "bm25")
+_HEADING = re.compile(r"^\s*#{1,6}\s")
 MAX_TOP_K = 1000
 CHUNKS_PER_DOCUMENT = 3  # evidence kept per document in grouped results
+
+
+def _starts_section(text: str) -> bool:
+    return bool(_HEADING.match(text))
 
 
 class HybridRetriever(Retriever):
@@ -44,12 +51,54 @@ class HybridRetriever(Retriever):
         return [Hit(self.index.chunks[i], score) for i, score in chunks[:top_k]]
 
     def retrieve_documents(self, query: str, top_k: int = 5, filters: dict[str, str] | None = None,
-                           chunks_per_document: int = CHUNKS_PER_DOCUMENT) -> list[DocumentHit]:
-        """The top_k documents, best first, each with up to chunks_per_document of its chunks as evidence."""
+                           chunks_per_document: int = CHUNKS_PER_DOCUMENT,
+                           expand_to_chars: int = 0) -> list[DocumentHit]:
+        """The top_k documents, best first, each with up to chunks_per_document of its chunks as evidence.
+        expand_to_chars > 0: a shorter chunk is cited with its enclosing passage (see `passage`)."""
         ranked = self._rank(query, top_k, filters)
-        return [DocumentHit(d.document_id, d.score, [Hit(self.index.chunks[i], score)
-                                                     for i, score in d.chunks[:chunks_per_document]])
-                for d in ranked[:top_k]]
+        with self.index.lock:
+            evidence = lambda d: self._evidence(d, chunks_per_document, expand_to_chars)
+            return [DocumentHit(d.document_id, d.score, evidence(d)) for d in ranked[:top_k]]
+
+    def _evidence(self, document: fusion.Ranked, count: int, expand_to_chars: int) -> list[Hit]:
+        """The document's best chunks (expanded); a passage overlapping a better one is left out."""
+        hits: list[Hit] = []
+        for chunk_id, score in document.chunks:
+            chunk = self.passage(chunk_id, expand_to_chars)
+            if all(chunk.char_end <= h.chunk.char_start or chunk.char_start >= h.chunk.char_end
+                   for h in hits):
+                hits.append(Hit(chunk, score))
+            if len(hits) == count:
+                break
+        return hits
+
+    def passage(self, chunk_id: int, min_chars: int) -> Chunk:
+        """Parent expansion: the chunk grown with its document's neighbouring chunks (the next one first,
+        then the previous) until it has min_chars characters, never across a Markdown heading (a line
+        starting with #), so it stays within its section. Keeps the cited chunk's id; text and offsets
+        are the passage's (still document.text[char_start:char_end])."""
+        chunk = self.index.chunks[chunk_id]
+        if len(chunk.text) >= min_chars:
+            return chunk
+        ids = self.index.document_chunk_ids(chunk.document_id)
+        first = last = ids.index(chunk_id)
+        size = len(chunk.text)
+        while size < min_chars:
+            before, after = self._neighbour(ids, first - 1), self._neighbour(ids, last + 1)
+            if after is not None and not _starts_section(after.text):
+                last, size = last + 1, size + len(after.text)
+            elif before is not None and not _starts_section(self.index.chunks[ids[first]].text):
+                first, size = first - 1, size + len(before.text)
+            else:
+                break
+        if first == last:
+            return chunk
+        pieces = [self.index.chunks[i] for i in ids[first:last + 1]]
+        return replace(chunk, text="".join(p.text for p in pieces), char_start=pieces[0].char_start,
+                       char_end=pieces[-1].char_end)
+
+    def _neighbour(self, ids: list[int], position: int) -> Chunk | None:
+        return self.index.chunks[ids[position]] if 0 <= position < len(ids) else None
 
     def _rank(self, query: str, top_k: int, filters) -> list[fusion.Ranked]:
         if not 1 <= top_k <= MAX_TOP_K:

@@ -192,7 +192,7 @@ def _query_embedded(args, config) -> tuple[str | None, list[dict]]:
         if args.chunks:
             hits = retriever.retrieve(args.query, args.top_k)
             return None, _group_citations([_hit_row(h) for h in hits], False)
-        documents = retriever.retrieve_documents(args.query, args.top_k)
+        documents = retriever.retrieve_documents(args.query, args.top_k, expand_to_chars=args.expand_chars)
         return None, [{"document_id": d.document_id, "score": d.score,
                        "citations": [_hit_row(h) for h in d.hits]} for d in documents]
     finally:
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--top-k", type=int, default=5, help="documents (chunks with --chunks) to return")
     query.add_argument("--chunks", action="store_true", help="chunks best first, not grouped by document")
     query.add_argument("--json", action="store_true", help="results as one JSON object on stdout")
+    query.add_argument("--expand-chars", type=int, default=0,
+                       help="cite a shorter chunk with its neighbours, within its section, up to this many "
+                            "characters (embedded store only)")
     query.add_argument("--store-dir", help="embedded store directory (default: rag.data_dir of the config)")
     query.add_argument("--answer", action="store_true", help="generate an answer (streamed) with --flow")
     query.add_argument("--flow", default="single", choices=["none", "single", "fixed_interval", "flare", "dragin"])

@@ -88,3 +88,26 @@ def test_documents_grouped_with_their_chunks_as_evidence(tmp_path):
     assert 1 <= len(documents[0].hits) <= 2 and {h.chunk.document_id for h in documents[0].hits} == {"manual"}
     assert documents[0].hits[0].score == documents[0].score
     store.close()
+
+
+def test_parent_expansion_stays_within_the_section(tmp_path):
+    text = ("# Kettles\n\nThe kettle boils water. It has a blue lid. Descale it monthly with vinegar. "
+            "Its cord is one metre long.\n\n# Toasters\n\nThe toaster browns bread. It has four slots.")
+    store = EmbeddedStore(tmp_path / "sections")
+    Ingestor(store).ingest([Document("guide", text)], "sentence", 3)  # about one sentence per chunk
+    retriever = HybridRetriever(store)
+    plain = retriever.retrieve_documents("descaling with vinegar", top_k=1, chunks_per_document=1)[0].hits[0]
+    grown = retriever.retrieve_documents("descaling with vinegar", top_k=1, chunks_per_document=1,
+                                         expand_to_chars=90)[0].hits[0]
+    assert "vinegar" in plain.chunk.text and len(plain.chunk.text) < 90
+    assert grown.chunk.chunk_id == plain.chunk.chunk_id and plain.chunk.text in grown.chunk.text
+    assert text[grown.chunk.char_start:grown.chunk.char_end] == grown.chunk.text
+    assert len(grown.chunk.text) >= 90 and "Toasters" not in grown.chunk.text
+    whole_section = retriever.retrieve_documents("descaling with vinegar", top_k=1, chunks_per_document=1,
+                                                 expand_to_chars=10_000)[0].hits[0].chunk
+    assert whole_section.text.strip() == text[:text.index("# Toasters")].strip()
+    passages = retriever.retrieve_documents("kettle", top_k=1, chunks_per_document=3,
+                                            expand_to_chars=60)[0].hits
+    spans = sorted((h.chunk.char_start, h.chunk.char_end) for h in passages)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no passage cited twice
+    store.close()
