@@ -1,5 +1,6 @@
 """SDK calls for typed-hole context and completion. Mixed into `LongbowClient` / `AsyncLongbowClient` (sdk.py), which provide
-`self._channel` and `self._call(method, request)` (retries, auth, errors as LongbowError).
+`self._session_channel` and `self._call(method, request)` (retries, auth, errors as LongbowError). The workspace
+index UpdateFiles feeds lives in one replica, so these calls use the channel pinned to one replica (sdk.py).
 
 Every call names a hole the same way: `workspace_root` (absolute, on the server's machine; "" to send only
 `open_files`), `path` relative to it, 1-based `line` and `column`; `open_files` maps relative paths to
@@ -107,7 +108,7 @@ def _completion(r: pb.CompleteResponse) -> HoleCompletion:
 class CodeAssistCalls:
     @functools.cached_property
     def _code_assist_stub(self):
-        return code_assist_pb2_grpc.CodeAssistStub(self._channel)
+        return code_assist_pb2_grpc.CodeAssistStub(self._session_channel)
 
     def code_context(self, workspace_root: str, path: str, line: int, column: int, **options) -> CodeContext:
         """The whole context of a hole (options: open_files, token_budget, language)."""
@@ -148,7 +149,7 @@ class CodeAssistCalls:
 class AsyncCodeAssistCalls:
     @functools.cached_property
     def _code_assist_stub(self):
-        return code_assist_pb2_grpc.CodeAssistStub(self._channel)
+        return code_assist_pb2_grpc.CodeAssistStub(self._session_channel)
 
     async def code_context(self, workspace_root: str, path: str, line: int, column: int, **options) -> CodeContext:
         request = hole_request(workspace_root, path, line, column, **options)

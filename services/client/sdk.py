@@ -3,7 +3,14 @@
 Only grpcio and protobuf are needed. UNAVAILABLE is retried with exponential backoff (a restarting
 replica; `retry=RetryPolicy(...)` tunes it, `retry=None` turns it off); every other error surfaces as
 `LongbowError` carrying the gRPC status code. Streaming generation is an iterator; breaking out of it
-cancels the call, which aborts generation on the server.
+cancels the call, which aborts generation on the server. A stream answered UNAVAILABLE before its first
+chunk is retried like a unary call; after its first chunk it never is (a retry would repeat output).
+
+Several gateways: a target that can name several addresses (`dns:///longbow-gateway-headless:50051`, the
+Kubernetes headless Service, or `ipv4:10.0.0.1:50051,10.0.0.2:50051`) gets gRPC's `round_robin` policy, so
+calls spread over every ready replica instead of sticking to the first connection; `load_balancing=` picks
+another policy. Edit sessions live in one replica, so session calls go over a second channel that stays
+on one replica (`pick_first` over the same addresses, shuffled per client so clients spread out).
 """
 
 from __future__ import annotations
@@ -108,19 +115,55 @@ def _chunk(c: gen_pb.GenerateChunk) -> GenerationChunk:
                            c.usage.prompt_tokens, c.usage.completion_tokens, c.request_id)
 
 
-def _open_channel(target: str, root_certificates: bytes | None, aio: bool):
+# Target schemes whose resolver may return several addresses (gRPC naming: dns, ipv4/ipv6 address lists).
+_MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+# One replica for every session call of a client; shuffled so that clients do not all pick the first pod.
+_PINNED = '{"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": true}}]}'
+
+
+def balancing_policy(target: str, load_balancing: str | None = None) -> str | None:
+    """The gRPC load-balancing policy a client uses for generation calls on `target`: `load_balancing` when
+    given, else round_robin for targets that may name several replicas, else gRPC's default (pick_first)."""
+    if load_balancing is not None:
+        return load_balancing
+    return "round_robin" if target.startswith(_MULTI_ADDRESS_SCHEMES) else None
+
+
+def _open_channel(target: str, root_certificates: bytes | None, aio: bool, options: list[tuple[str, object]]):
     make = grpc.aio if aio else grpc
     if root_certificates is not None:
-        return make.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
-    return make.insecure_channel(target)
+        return make.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
+    return make.insecure_channel(target, options=options)
+
+
+def _open_channels(target: str, root_certificates: bytes | None, aio: bool, load_balancing: str | None):
+    """(the channel for stateless calls, the channel for session calls): one channel when calls cannot
+    spread over replicas anyway."""
+    policy = balancing_policy(target, load_balancing)
+    if policy in (None, "pick_first"):
+        channel = _open_channel(target, root_certificates, aio, [])
+        return channel, channel
+    # NOTE: gRPC's reconnect backoff grows to 120 s by default; a replica restarted by a rolling update is
+    # back within seconds and should get calls again within seconds, not minutes.
+    balanced = _open_channel(target, root_certificates, aio, [("grpc.lb_policy_name", policy),
+                                                               ("grpc.max_reconnect_backoff_ms", 2000)])
+    pinned = _open_channel(target, root_certificates, aio, [("grpc.service_config", _PINNED)])
+    return balanced, pinned
+
+
+def _retry_delay(exc: grpc.RpcError, delays: Iterator[float]) -> float | None:
+    """The wait before retrying a failed call, None when it must not be retried."""
+    return next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
 
 
 class LongbowClient(RetrievalCalls, CodeAssistCalls, SessionCalls):
-    """Blocking client. `with LongbowClient("host:port") as c: c.generate("Hi")`."""
+    """Blocking client. `with LongbowClient("host:port") as c: c.generate("Hi")`.
+    `LongbowClient("dns:///longbow-gateway-headless.longbow:50051")` balances over every pod (round_robin)."""
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
-                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY):
-        self._channel = _open_channel(target, root_certificates, aio=False)
+                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY,
+                 load_balancing: str | None = None):
+        self._channel, self._session_channel = _open_channels(target, root_certificates, False, load_balancing)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -134,21 +177,30 @@ class LongbowClient(RetrievalCalls, CodeAssistCalls, SessionCalls):
 
     def close(self) -> None:
         self._channel.close()
+        self._session_channel.close()
 
     def generate(self, prompt: str | None = None, **kwargs) -> Generation:
         request = build_request(prompt, **kwargs)
         return _generation(self._call(self._generation.Generate, request))
 
     def generate_stream(self, prompt: str | None = None, **kwargs) -> Iterator[GenerationChunk]:
-        call = self._generation.GenerateStream(build_request(prompt, **kwargs), timeout=self.timeout_s,
-                                               metadata=self._metadata)
-        try:
-            for chunk in call:
-                yield _chunk(chunk)
-        except grpc.RpcError as exc:
-            raise LongbowError(exc.code(), exc.details()) from None
-        finally:
-            call.cancel()  # no-op when finished; aborts generation when the caller stopped early
+        request, delays = build_request(prompt, **kwargs), self.retry.delays()
+        while True:
+            call = self._generation.GenerateStream(request, timeout=self.timeout_s, metadata=self._metadata)
+            produced = False
+            try:
+                for chunk in call:
+                    produced = True
+                    yield _chunk(chunk)
+                return
+            except grpc.RpcError as exc:
+                # NOTE: never after the first chunk: the caller has used it, and a retry would repeat it.
+                delay = None if produced else _retry_delay(exc, delays)
+                if delay is None:
+                    raise LongbowError(exc.code(), exc.details()) from None
+            finally:
+                call.cancel()  # no-op when finished; aborts generation when the caller stopped early
+            time.sleep(delay)
 
     def score(self, text: str | None = None, token_ids: list[int] | None = None) -> tuple[list[int], list[float]]:
         request = gen_pb.ScoreRequest(text=text) if token_ids is None else gen_pb.ScoreRequest(
@@ -168,7 +220,7 @@ class LongbowClient(RetrievalCalls, CodeAssistCalls, SessionCalls):
             try:
                 return method(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = _retry_delay(exc, delays)
                 if delay is None:
                     raise LongbowError(exc.code(), exc.details()) from None
                 time.sleep(delay)
@@ -178,8 +230,9 @@ class AsyncLongbowClient(AsyncRetrievalCalls, AsyncCodeAssistCalls, AsyncSession
     """asyncio client with the same methods as LongbowClient (awaitable / async iterators)."""
 
     def __init__(self, target: str = "localhost:50051", *, token: str = "", root_certificates: bytes | None = None,
-                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY):
-        self._channel = _open_channel(target, root_certificates, aio=True)
+                 timeout_s: float | None = 120.0, retry: RetryPolicy | None = DEFAULT_RETRY,
+                 load_balancing: str | None = None):
+        self._channel, self._session_channel = _open_channels(target, root_certificates, True, load_balancing)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._info = server_info_pb2_grpc.ServerInfoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -193,20 +246,28 @@ class AsyncLongbowClient(AsyncRetrievalCalls, AsyncCodeAssistCalls, AsyncSession
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._session_channel.close()
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Generation:
         return _generation(await self._call(self._generation.Generate, build_request(prompt, **kwargs)))
 
     async def generate_stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[GenerationChunk]:
-        call = self._generation.GenerateStream(build_request(prompt, **kwargs), timeout=self.timeout_s,
-                                               metadata=self._metadata)
-        try:
-            async for chunk in call:
-                yield _chunk(chunk)
-        except grpc.RpcError as exc:
-            raise LongbowError(exc.code(), exc.details()) from None
-        finally:
-            call.cancel()
+        request, delays = build_request(prompt, **kwargs), self.retry.delays()
+        while True:
+            call = self._generation.GenerateStream(request, timeout=self.timeout_s, metadata=self._metadata)
+            produced = False
+            try:
+                async for chunk in call:
+                    produced = True
+                    yield _chunk(chunk)
+                return
+            except grpc.RpcError as exc:
+                delay = None if produced else _retry_delay(exc, delays)  # never repeat output (see LongbowClient)
+                if delay is None:
+                    raise LongbowError(exc.code(), exc.details()) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def score(self, text: str | None = None, token_ids: list[int] | None = None):
         request = gen_pb.ScoreRequest(text=text) if token_ids is None else gen_pb.ScoreRequest(
@@ -227,7 +288,7 @@ class AsyncLongbowClient(AsyncRetrievalCalls, AsyncCodeAssistCalls, AsyncSession
             try:
                 return await method(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = _retry_delay(exc, delays)
                 if delay is None:
                     raise LongbowError(exc.code(), exc.details()) from None
                 await asyncio.sleep(delay)

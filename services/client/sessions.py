@@ -1,5 +1,7 @@
 """SDK calls for PIE edit sessions. Mixed into `LongbowClient` / `AsyncLongbowClient` (sdk.py), which
-provide `self._channel` and `self._call(method, request)` (retries, auth, errors as LongbowError).
+provide `self._session_channel` and `self._call(method, request)` (retries, auth, errors as LongbowError).
+A session lives in the replica that opened it, so its calls go over the channel pinned to one replica
+(sdk.py); a call that reaches another replica anyway is FAILED_PRECONDITION naming both.
 
     sid = client.open_session(source_text)
     client.apply_edits(sid, [Edit(10, 14, "name")])
@@ -53,7 +55,7 @@ def _edit_result(r: pb.ApplyEditsResponse) -> EditResult:
 class SessionCalls:
     @functools.cached_property
     def _sessions_stub(self):
-        return sessions_pb2_grpc.SessionsStub(self._channel)
+        return sessions_pb2_grpc.SessionsStub(self._session_channel)
 
     def open_session(self, text: str, *, idle_timeout_s: int = 0, mode: str = "pie") -> str:
         """Encode a document once and keep its KV; returns the session id."""
@@ -74,7 +76,7 @@ class SessionCalls:
 class AsyncSessionCalls:
     @functools.cached_property
     def _sessions_stub(self):
-        return sessions_pb2_grpc.SessionsStub(self._channel)
+        return sessions_pb2_grpc.SessionsStub(self._session_channel)
 
     async def open_session(self, text: str, *, idle_timeout_s: int = 0, mode: str = "pie") -> str:
         request = _open_request(text, idle_timeout_s, mode)
