@@ -156,6 +156,16 @@ class Transport(ABC):
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor: ...
 
 
+def setup_lengths(transport: Transport, length: int, known: list[int] | None) -> list[int]:
+    """Every rank's length of one block: `known` when the caller has them (every rank derives them from
+    the same plan), else one all-gather ("setup")."""
+    if known is not None:
+        if len(known) != transport.world_size or known[transport.rank] != length:
+            raise ValueError(f"rank {transport.rank} holds {length} rows but was told lengths {known}")
+        return list(known)
+    return [lens[0] for lens in transport.all_gather_ints("setup", [length])]
+
+
 class DistTransport(Transport):
     """Transport over a torch.distributed process group (the default group when None)."""
 

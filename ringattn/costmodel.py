@@ -2,7 +2,9 @@
 
 It replays each schedule's step structure on paper. Bytes are exact: tests assert they equal what
 comm.CommCounter records when the schedule runs. FLOPs are 4 * Hq * D per computed (query, key)
-pair, with pairs counted by local.computed_pairs (the same causal tiling the kernel uses).
+pair, with pairs counted by local.computed_pairs (the same causal tiling the kernel uses). A packed
+batch (several sequences in one call, `Batch.q_seq`) is costed the same way: its token keys add no bytes
+over positions, and pairs are counted per sequence, as packed_attention computes them.
 
 Time of a point-to-point step = max over ranks of max(compute, latency + transfer): communication is
 posted before compute and waited after, so a step costs whichever is longer. Collectives (size and
@@ -26,7 +28,7 @@ import torch
 
 from longbow.ringattn.comm import ring_allreduce_bytes
 from longbow.ringattn.layout import layout_indices
-from longbow.ringattn.local import computed_pairs
+from longbow.ringattn.local import computed_pairs, computed_pairs_packed
 
 INT64 = 8
 FP32 = 4
@@ -81,9 +83,10 @@ class Step:
     collective: str | None = None
 
 
-def _q_unit(shape: AttentionShape) -> int:
-    """Bytes per query token on a hop: Q in the input dtype, plus its position under a causal mask."""
-    return shape.heads_q * shape.head_dim * shape.dtype_bytes + (INT64 if shape.causal else 0)
+def _q_unit(shape: AttentionShape, keyed: bool) -> int:
+    """Bytes per query token on a hop: Q in the input dtype, plus its token key (position, and sequence
+    id when packed) when a mask reads it."""
+    return shape.heads_q * shape.head_dim * shape.dtype_bytes + (INT64 if keyed else 0)
 
 
 def _result_unit(shape: AttentionShape) -> int:
@@ -91,66 +94,93 @@ def _result_unit(shape: AttentionShape) -> int:
     return shape.heads_q * shape.head_dim * shape.dtype_bytes + shape.heads_q * FP32
 
 
-def _kv_unit(shape: AttentionShape) -> int:
-    """Bytes per KV token on a hop: K and V in the input dtype, plus its position under a causal mask."""
-    return 2 * shape.heads_kv * shape.head_dim * shape.dtype_bytes + (INT64 if shape.causal else 0)
+def _kv_unit(shape: AttentionShape, keyed: bool) -> int:
+    """Bytes per KV token on a hop: K and V in the input dtype, plus its token key when a mask reads it."""
+    return 2 * shape.heads_kv * shape.head_dim * shape.dtype_bytes + (INT64 if keyed else 0)
 
 
 def _gather_step(label: str, n: int, nbytes: int) -> Step:
     return Step(label, [RankStep({-1: (n - 1) * nbytes}, {-1: (n - 1) * nbytes}) for _ in range(n)], "all_gather")
 
 
-def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, shape: AttentionShape, heads_q: int | None = None) -> int:
-    return computed_pairs(q_pos, k_pos, shape.causal, heads_q or shape.heads_q)
+@dataclass(frozen=True)
+class Batch:
+    """Where the tokens of one call sit: per rank, query and KV positions and, for a packed batch of
+    several sequences, their sequence ids (None: one sequence). sizes_known: every rank was given every
+    rank's lengths, so no setup all-gather runs."""
+
+    q_pos: list[torch.Tensor]
+    k_pos: list[torch.Tensor]
+    q_seq: list[torch.Tensor] | None = None
+    k_seq: list[torch.Tensor] | None = None
+    sizes_known: bool = False
+
+    @property
+    def packed(self) -> bool:
+        return self.q_seq is not None
+
+    def pairs(self, shape: AttentionShape, q_rank: int, k_rank: int, rows: slice = slice(None),
+              heads_q: int | None = None) -> int:
+        """Pairs computed for rank q_rank's queries (those rows of them) against rank k_rank's KV."""
+        q_seq = self.q_seq[q_rank][rows] if self.packed else None
+        k_seq = self.k_seq[k_rank] if self.packed else None
+        return computed_pairs_packed(self.q_pos[q_rank][rows], self.k_pos[k_rank], shape.causal,
+                                     heads_q or shape.heads_q, q_seq, k_seq)
 
 
-def tokenring_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> list[Step]:
-    n = len(q_pos)
-    q_lens = [len(p) for p in q_pos]
-    steps = [_gather_step("setup", n, INT64)]
+def _setup(batch: Batch, n: int, nbytes: int) -> list[Step]:
+    return [] if batch.sizes_known else [_gather_step("setup", n, nbytes)]
+
+
+def tokenring_steps(shape: AttentionShape, batch: Batch) -> list[Step]:
+    n = len(batch.q_pos)
+    q_lens = [len(p) for p in batch.q_pos]
+    q_unit = _q_unit(shape, shape.causal or batch.packed)
+    steps = _setup(batch, n, INT64)
     for phase in range(n + 1):
         ranks = []
         for r in range(n):
             rank = RankStep(heads_q=shape.heads_q)
             if phase <= n - 2:
-                rank.add((r - 1) % n, q_lens[(r + phase) % n] * _q_unit(shape), 0)
-                rank.add((r + 1) % n, 0, q_lens[(r + phase + 1) % n] * _q_unit(shape))
+                rank.add((r - 1) % n, q_lens[(r + phase) % n] * q_unit, 0)
+                rank.add((r + 1) % n, 0, q_lens[(r + phase + 1) % n] * q_unit)
             if 2 <= phase <= n:
                 rank.add((r + phase - 1) % n, q_lens[(r + phase - 1) % n] * _result_unit(shape), 0)
                 rank.add((r - phase + 1) % n, 0, q_lens[r] * _result_unit(shape))
             half = q_lens[r] // 2
             if phase == 0:
-                rank.pairs = _pairs(q_pos[r][:half], k_pos[r], shape)
+                rank.pairs = batch.pairs(shape, r, r, slice(0, half))
             elif phase == n:
-                rank.pairs = _pairs(q_pos[r][half:], k_pos[r], shape)
+                rank.pairs = batch.pairs(shape, r, r, slice(half, None))
             else:
-                rank.pairs = _pairs(q_pos[(r + phase) % n], k_pos[r], shape)
+                rank.pairs = batch.pairs(shape, (r + phase) % n, r)
             ranks.append(rank)
         steps.append(Step(f"step {phase}", ranks))
     return steps
 
 
-def ring_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> list[Step]:
-    n = len(q_pos)
-    kv_lens = [len(p) for p in k_pos]
-    steps = [_gather_step("setup", n, INT64)]
+def ring_steps(shape: AttentionShape, batch: Batch) -> list[Step]:
+    n = len(batch.q_pos)
+    kv_lens = [len(p) for p in batch.k_pos]
+    kv_unit = _kv_unit(shape, shape.causal or batch.packed)
+    steps = _setup(batch, n, INT64)
     for step in range(n):
         ranks = []
         for r in range(n):
-            rank = RankStep(heads_q=shape.heads_q, pairs=_pairs(q_pos[r], k_pos[(r - step) % n], shape))
+            rank = RankStep(heads_q=shape.heads_q, pairs=batch.pairs(shape, r, (r - step) % n))
             if step <= n - 2:
-                rank.add((r + 1) % n, kv_lens[(r - step) % n] * _kv_unit(shape), 0)
-                rank.add((r - 1) % n, 0, kv_lens[(r - step - 1) % n] * _kv_unit(shape))
+                rank.add((r + 1) % n, kv_lens[(r - step) % n] * kv_unit, 0)
+                rank.add((r - 1) % n, 0, kv_lens[(r - step - 1) % n] * kv_unit)
             ranks.append(rank)
         steps.append(Step(f"step {step}", ranks))
     return steps
 
 
-def ulysses_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]) -> list[Step]:
-    n = len(q_pos)
-    q_pad, k_pad = max(len(p) for p in q_pos), max(len(p) for p in k_pos)
-    steps = [_gather_step("setup", n, 2 * INT64)]
-    if shape.causal:
+def ulysses_steps(shape: AttentionShape, batch: Batch) -> list[Step]:
+    n = len(batch.q_pos)
+    q_pad, k_pad = max(len(p) for p in batch.q_pos), max(len(p) for p in batch.k_pos)
+    steps = _setup(batch, n, 2 * INT64)
+    if shape.causal or batch.packed:
         steps.append(_gather_step("positions", n, (q_pad + k_pad) * INT64))
     b, d = shape.dtype_bytes, shape.head_dim
     per_tensor = {"q": q_pad * shape.heads_q * d * b, "k": k_pad * shape.heads_kv * d * b}
@@ -159,23 +189,33 @@ def ulysses_steps(shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[
         sent = (n - 1) * per_tensor[label] // n
         steps.append(Step(label, [RankStep({-1: sent}, {-1: sent}) for _ in range(n)], "all_to_all"))
     heads = shape.heads_q // n
-    pairs = _pairs(torch.cat(q_pos), torch.cat(k_pos), shape, heads)
+    everything = _concatenated(batch)
+    pairs = everything.pairs(shape, 0, 0, heads_q=heads)
     steps.append(Step("attention", [RankStep(pairs=pairs, heads_q=heads) for _ in range(n)], "compute"))
     sent = (n - 1) * q_pad * shape.heads_q * (d + 1) * FP32 // n
     steps.append(Step("out", [RankStep({-1: sent}, {-1: sent}) for _ in range(n)], "all_to_all"))
     return steps
 
 
-def decode_allreduce_steps(
-    shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]
-) -> list[Step]:
-    n = len(q_pos)
-    q_all = sum(len(p) for p in q_pos)
-    pad = max(len(p) for p in q_pos)
-    steps = [_gather_step("setup", n, INT64)]
+def _concatenated(batch: Batch, kv_per_rank: bool = False) -> Batch:
+    """Every rank's queries as one block (and every rank's KV as one, unless kv_per_rank)."""
+    q_seq = [torch.cat(batch.q_seq)] if batch.packed else None
+    if kv_per_rank:
+        return Batch([torch.cat(batch.q_pos)] * len(batch.k_pos), batch.k_pos,
+                     q_seq * len(batch.k_pos) if q_seq else None, batch.k_seq)
+    k_seq = [torch.cat(batch.k_seq)] if batch.packed else None
+    return Batch([torch.cat(batch.q_pos)], [torch.cat(batch.k_pos)], q_seq, k_seq)
+
+
+def decode_allreduce_steps(shape: AttentionShape, batch: Batch) -> list[Step]:
+    n = len(batch.q_pos)
+    q_all = sum(len(p) for p in batch.q_pos)
+    pad = max(len(p) for p in batch.q_pos)
+    steps = _setup(batch, n, INT64)
     steps.append(_gather_step("gather q", n, pad * (shape.heads_q * shape.head_dim * shape.dtype_bytes + INT64)))
-    all_q = torch.cat(q_pos)
-    steps.append(Step("attention", [RankStep(pairs=_pairs(all_q, k, shape), heads_q=shape.heads_q) for k in k_pos], "compute"))
+    everything = _concatenated(batch, kv_per_rank=True)
+    ranks = [RankStep(pairs=everything.pairs(shape, r, r), heads_q=shape.heads_q) for r in range(n)]
+    steps.append(Step("attention", ranks, "compute"))
     for label, nbytes in (("max lse", q_all * shape.heads_q * FP32), ("sum partials", q_all * shape.heads_q * (shape.head_dim + 1) * FP32)):
         sent = ring_allreduce_bytes(nbytes, n)
         steps.append(Step(label, [RankStep({-1: sent}, {-1: sent}) for _ in range(n)], "all_reduce"))
@@ -191,10 +231,14 @@ _STEP_BUILDERS = {
 
 
 def schedule_steps(
-    schedule: str, shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor]
+    schedule: str, shape: AttentionShape, q_pos: list[torch.Tensor], k_pos: list[torch.Tensor],
+    q_seq: list[torch.Tensor] | None = None, k_seq: list[torch.Tensor] | None = None,
+    sizes_known: bool = False,
 ) -> list[Step]:
-    """The steps `schedule` runs when rank r holds queries at q_pos[r] and KV at k_pos[r]."""
-    return _STEP_BUILDERS[schedule](shape, q_pos, k_pos)
+    """The steps `schedule` runs when rank r holds queries at q_pos[r] and KV at k_pos[r] (and, for a
+    packed batch, sequence ids q_seq[r] and k_seq[r]); sizes_known: the callers passed every rank's
+    lengths, so no setup all-gather."""
+    return _STEP_BUILDERS[schedule](shape, Batch(q_pos, k_pos, q_seq, k_seq, sizes_known))
 
 
 def predicted_bytes(steps: list[Step]) -> list[dict[str, tuple[int, int]]]:
@@ -276,7 +320,7 @@ def predict(schedule: str, steps: list[Step], shape: AttentionShape, hw: Hardwar
 
 def predict_single_device(shape: AttentionShape, q_pos: torch.Tensor, k_pos: torch.Tensor, hw: Hardware) -> float:
     """Seconds for one device to compute the whole attention."""
-    return 4.0 * shape.heads_q * shape.head_dim * _pairs(q_pos, k_pos, shape) / hw.flops_per_s
+    return 4.0 * shape.heads_q * shape.head_dim * computed_pairs(q_pos, k_pos, shape.causal, shape.heads_q) / hw.flops_per_s
 
 
 def prefill_positions(length: int, world_size: int, layout: str = "zigzag") -> list[torch.Tensor]:
@@ -302,11 +346,14 @@ def choose_schedule(
     k_pos: list[torch.Tensor],
     hw: Hardware,
     candidates: tuple[str, ...] = ("tokenring", "ring", "ulysses"),
+    q_seq: list[torch.Tensor] | None = None,
+    k_seq: list[torch.Tensor] | None = None,
+    sizes_known: bool = False,
 ) -> tuple[str, dict[str, Prediction]]:
     """The schedule with the least predicted time, and every candidate's prediction."""
     n = len(q_pos)
     predictions = {
-        name: predict(name, schedule_steps(name, shape, q_pos, k_pos), shape, hw)
+        name: predict(name, schedule_steps(name, shape, q_pos, k_pos, q_seq, k_seq, sizes_known), shape, hw)
         for name in candidates
         if applicable(name, shape, n)
     }

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
-from longbow.ringattn.layout import Shard
-from longbow.ringattn.local import block_attention
+from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated, setup_lengths
+from longbow.ringattn.layout import Shard, check_packed
+from longbow.ringattn.local import keyed_attention, token_keys
 from longbow.ringattn.tokenring import tokenring_rank
 
 
@@ -32,9 +32,13 @@ def decode_attention_pass_q(
     causal: bool = True,
     group: dist.ProcessGroup | None = None,
     counter: CommCounter | None = None,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass-Q ring decode (TokenRing with a query block of a token or a few)."""
-    return tokenring_rank(DistTransport(group, counter), q, k, v, q_pos, k_pos, causal=causal)
+    """Pass-Q ring decode (TokenRing with a query block of a token or a few; packed: one per sequence)."""
+    return tokenring_rank(DistTransport(group, counter), q, k, v, q_pos, k_pos, causal=causal,
+                          q_seq=q_seq, k_seq=k_seq, q_lens=q_lens)
 
 
 def decode_attention_allreduce(
@@ -47,32 +51,42 @@ def decode_attention_allreduce(
     causal: bool = True,
     group: dist.ProcessGroup | None = None,
     counter: CommCounter | None = None,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather queries, attend locally, combine partials with two allreduces."""
-    return decode_allreduce_rank(DistTransport(group, counter), q, k, v, q_pos, k_pos, causal=causal)
+    return decode_allreduce_rank(DistTransport(group, counter), q, k, v, q_pos, k_pos, causal=causal,
+                                 q_seq=q_seq, k_seq=k_seq, q_lens=q_lens)
 
 
 def decode_attention_pass_q_emulated(
-    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None
+    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None,
+    q_lens: list[int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return run_emulated(
-        lambda t, s: tokenring_rank(t, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal), shards, counters
+        lambda t, s: tokenring_rank(t, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal,
+                                    q_seq=s.q_seq, k_seq=s.k_seq, q_lens=q_lens),
+        shards, counters,
     )
 
 
 def decode_attention_allreduce_emulated(
-    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None
+    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None,
+    q_lens: list[int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return run_emulated(
-        lambda t, s: decode_allreduce_rank(t, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal), shards, counters
+        lambda t, s: decode_allreduce_rank(t, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal,
+                                           q_seq=s.q_seq, k_seq=s.k_seq, q_lens=q_lens),
+        shards, counters,
     )
 
 
 def _gather_queries(
-    transport: Transport, q: torch.Tensor, q_pos: torch.Tensor
+    transport: Transport, q: torch.Tensor, q_pos: torch.Tensor, q_lens: list[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor, slice]:
-    """Every rank's queries [Q_all, Hq, D] and positions [Q_all], and the rows that are this rank's."""
-    q_lens = [lens[0] for lens in transport.all_gather_ints("setup", [q.shape[0]])]
+    """Every rank's queries [Q_all, Hq, D] and token keys [Q_all], and the rows that are this rank's."""
+    q_lens = setup_lengths(transport, q.shape[0], q_lens)
     pad = max(q_lens)
     padded = torch.zeros(pad, *q.shape[1:], dtype=q.dtype, device=q.device)
     padded[: q.shape[0]] = q
@@ -98,11 +112,16 @@ def decode_allreduce_rank(
     k_pos: torch.Tensor,
     *,
     causal: bool = True,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Allreduce decode for one rank over any Transport."""
     d = q.shape[2]
-    all_q, all_pos, own_rows = _gather_queries(transport, q, q_pos)
-    part_out, part_lse = block_attention(all_q, k, v, all_pos, k_pos, causal=causal)  # [Q, Hq, D], [Q, Hq]
+    packed = check_packed(q_seq, k_seq)
+    q_pos, k_pos = token_keys(q_pos, q_seq), token_keys(k_pos, k_seq)
+    all_q, all_pos, own_rows = _gather_queries(transport, q, q_pos, q_lens)
+    part_out, part_lse = keyed_attention(all_q, k, v, all_pos, k_pos, causal=causal, packed=packed)  # [Q, Hq, D], [Q, Hq]
     max_lse = transport.all_reduce("max lse", part_lse, "max")
     # NOTE: shift by the global max before exponentiating, so an lse of +80 cannot overflow; a row no
     # rank can see has max -inf, shifted by 0 instead, giving weights exp(-inf) = 0 everywhere.

@@ -18,13 +18,23 @@ LAYOUTS = ("contiguous", "zigzag", "interleaved")
 
 @dataclass
 class Shard:
-    """What one rank holds: its query tokens and its KV, each with int64 position ids."""
+    """What one rank holds: its query tokens and its KV, each with int64 position ids (and, for a packed
+    batch of several sequences, int64 sequence ids)."""
 
     q: torch.Tensor  # [Tq, Hq, D]
     k: torch.Tensor  # [Tk, Hkv, D]
     v: torch.Tensor  # [Tk, Hkv, D]
     q_pos: torch.Tensor  # [Tq]
     k_pos: torch.Tensor  # [Tk]
+    q_seq: torch.Tensor | None = None  # [Tq] sequence ids of a packed batch (None: one sequence)
+    k_seq: torch.Tensor | None = None  # [Tk]
+
+
+def check_packed(q_seq: torch.Tensor | None, k_seq: torch.Tensor | None) -> bool:
+    """Whether a call is packed (several sequences); both sides must say so."""
+    if (q_seq is None) != (k_seq is None):
+        raise ValueError("a packed batch needs sequence ids for both queries and keys (q_seq and k_seq)")
+    return q_seq is not None
 
 
 def _even_bounds(length: int, parts: int) -> list[int]:

@@ -21,6 +21,7 @@ tiled path above.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -314,6 +315,92 @@ def _exact_attention(
         mask = visibility_mask(q_pos[q_rows], k_pos, causal, seq, k_seq)
         out[q_rows], lse[q_rows] = _dense_attention(q[q_rows], k, v, mask, scale)
     return out, lse
+
+
+# ---- packed batches: the tokens of several sequences in one block --------------------------------------
+# NOTE: a sequence id and a position travel as one int64 "token key" (seq * 2**32 + pos + 2**31), so a
+# packed batch moves exactly as many bytes of metadata as one sequence's positions did, and every buffer
+# and message of the schedules stays one tensor. Positions must lie in [-2**31, 2**31), sequence ids in
+# [0, 2**31).
+_POSITION_OFFSET = 1 << 31
+_SEQ_SHIFT = 32
+
+
+def token_keys(positions: torch.Tensor, seq: torch.Tensor | None) -> torch.Tensor:
+    """[T] int64 keys carrying (sequence id, position); the positions themselves when seq is None."""
+    if seq is None:
+        return positions
+    return (seq.to(torch.int64) << _SEQ_SHIFT) + (positions.to(torch.int64) + _POSITION_OFFSET)
+
+
+def split_token_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [T], sequence ids [T]) of packed token keys."""
+    return (keys & 0xFFFFFFFF) - _POSITION_OFFSET, keys >> _SEQ_SHIFT
+
+
+def _sequence_groups(seq: torch.Tensor) -> dict[int, slice | torch.Tensor]:
+    """Rows of each sequence id: a slice when the id's rows are one run (packed batches are built so),
+    else an index tensor."""
+    values, counts = torch.unique_consecutive(seq.cpu(), return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
+    if len(set(values)) == len(values):
+        starts = itertools.accumulate(counts, initial=0)
+        return {v: slice(start, start + c) for v, start, c in zip(values, starts, counts)}
+    return {v: torch.nonzero(seq == v).flatten() for v in set(values)}
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_seq: torch.Tensor,
+    k_seq: torch.Tensor,
+    *,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_attention over a packed batch: a query sees only keys of its own sequence (and, causal,
+    at positions <= its own). Each sequence present on both sides is one block_attention call (so
+    each takes the fast path where its positions allow); rows whose sequence has no key here stay
+    zeros with lse -inf. Shapes as block_attention's."""
+    t_q, h_q, d = q.shape
+    out = q.new_zeros(t_q, h_q, d, dtype=torch.float32)
+    lse = q.new_full((t_q, h_q), -math.inf, dtype=torch.float32)
+    if t_q == 0 or k.shape[0] == 0:
+        return out, lse
+    key_groups = _sequence_groups(k_seq)
+    for seq, rows in _sequence_groups(q_seq).items():
+        keys = key_groups.get(seq)
+        if keys is None:
+            continue
+        out[rows], lse[rows] = block_attention(q[rows], k[keys], v[keys], q_pos[rows], k_pos[keys], causal=causal)
+    return out, lse
+
+
+def keyed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_keys: torch.Tensor, k_keys: torch.Tensor,
+    *, causal: bool, packed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every schedule computes on a block: token keys are positions, or (packed) token_keys."""
+    if not packed:
+        return block_attention(q, k, v, q_keys, k_keys, causal=causal)
+    (q_pos, q_seq), (k_pos, k_seq) = split_token_keys(q_keys), split_token_keys(k_keys)
+    return packed_attention(q, k, v, q_pos, k_pos, q_seq, k_seq, causal=causal)
+
+
+def computed_pairs_packed(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, heads_q: int,
+    q_seq: torch.Tensor | None, k_seq: torch.Tensor | None,
+) -> int:
+    """computed_pairs of a block (packed: summed over the sequences packed_attention calls)."""
+    if q_seq is None:
+        return computed_pairs(q_pos, k_pos, causal, heads_q)
+    if len(q_pos) == 0 or len(k_pos) == 0:
+        return 0
+    key_groups = _sequence_groups(k_seq)
+    return sum(computed_pairs(q_pos[rows], k_pos[key_groups[seq]], causal, heads_q)
+               for seq, rows in _sequence_groups(q_seq).items() if seq in key_groups)
 
 
 def sdpa_reference(

@@ -13,9 +13,13 @@ NOTE: the local block is split in two so that the first query hop and the last r
 hidden behind compute; a schedule that computed the whole local block first would leave the last
 return exposed (one full result message per forward).
 
-Sizes: one all-gather of query lengths per call ("setup"), so shards may be uneven or empty and every
-receive buffer is preallocated at its exact size; nothing is padded. Positions travel with the
-queries only under a causal mask.
+Sizes: one all-gather of query lengths per call ("setup"), unless the caller passes every rank's
+lengths (`q_lens`), so shards may be uneven or empty and every receive buffer is preallocated at its
+exact size; nothing is padded. Positions travel with the queries only under a causal mask.
+
+Packed batches: with sequence ids (q_seq, k_seq) a call attends the tokens of many sequences at once,
+one ring for the whole step's batch instead of one per request. Sequence id and position travel as one
+int64 token key (local.token_keys), so the bytes per query token are those of one sequence.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
-from longbow.ringattn.layout import Shard
-from longbow.ringattn.local import block_attention
+from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated, setup_lengths
+from longbow.ringattn.layout import Shard, check_packed
+from longbow.ringattn.local import keyed_attention, token_keys
 from longbow.ringattn.merge import merge_partials
 
 
@@ -39,17 +43,27 @@ def tokenring_attention(
     causal: bool = True,
     group: dist.ProcessGroup | None = None,
     counter: CommCounter | None = None,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's queries attended over every rank's KV. Returns out [Tq, Hq, D], lse [Tq, Hq] fp32."""
-    return tokenring_rank(DistTransport(group, counter), q, k, v, q_pos, k_pos, causal=causal)
+    """This rank's queries attended over every rank's KV. Returns out [Tq, Hq, D], lse [Tq, Hq] fp32.
+
+    Packed (q_seq/k_seq [Tq]/[Tk] sequence ids): several sequences at once, a query seeing only its own
+    sequence's keys. q_lens: every rank's query count, when all ranks know them (skips the setup step).
+    """
+    return tokenring_rank(DistTransport(group, counter), q, k, v, q_pos, k_pos, causal=causal,
+                          q_seq=q_seq, k_seq=k_seq, q_lens=q_lens)
 
 
 def tokenring_attention_emulated(
-    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None
+    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None,
+    q_lens: list[int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same schedule over N emulated ranks in this process (one shard per rank)."""
     return run_emulated(
-        lambda transport, s: tokenring_rank(transport, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal),
+        lambda transport, s: tokenring_rank(transport, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal,
+                                            q_seq=s.q_seq, k_seq=s.k_seq, q_lens=q_lens),
         shards,
         counters,
     )
@@ -78,19 +92,25 @@ def tokenring_rank(
     k_pos: torch.Tensor,
     *,
     causal: bool = True,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TokenRing for one rank over any Transport (see the module docstring for the phases)."""
     n, rank = transport.world_size, transport.rank
-    q, q_pos = q.contiguous(), q_pos.contiguous()
+    packed = check_packed(q_seq, k_seq)
+    q = q.contiguous()
+    q_pos, k_pos = token_keys(q_pos, q_seq).contiguous(), token_keys(k_pos, k_seq)
+    with_keys = causal or packed  # token keys travel with the queries only when a mask reads them
     t_q, h_q, d = q.shape
-    q_lens = [lens[0] for lens in transport.all_gather_ints("setup", [t_q])]
-    buffers = _QueryBuffers(max(q_lens), q, with_positions=causal)
+    q_lens = setup_lengths(transport, t_q, q_lens)
+    buffers = _QueryBuffers(max(q_lens), q, with_positions=with_keys)
     result_out = q.new_empty(t_q, h_q, d)  # [Tq, Hq, D], partials come back in the input dtype
     result_lse = torch.empty(t_q, h_q, dtype=torch.float32, device=q.device)
     out = torch.zeros(t_q, h_q, d, dtype=torch.float32, device=q.device)
     lse = torch.full((t_q, h_q), -float("inf"), dtype=torch.float32, device=q.device)
     half = t_q // 2
-    held_q, held_pos = q, (q_pos if causal else q_pos[:0])
+    held_q, held_pos = q, (q_pos if with_keys else q_pos[:0])
     pending = None  # (owner, out, lse) computed last phase, to return this phase
     for phase in range(n + 1):
         sends, recvs = [], []
@@ -106,12 +126,12 @@ def tokenring_rank(
         handle = transport.exchange(f"step {phase}", sends, recvs)
         if phase == 0 or phase == n:
             rows = slice(0, half) if phase == 0 else slice(half, t_q)
-            local_out, local_lse = block_attention(q[rows], k, v, q_pos[rows], k_pos, causal=causal)
+            local_out, local_lse = keyed_attention(q[rows], k, v, q_pos[rows], k_pos, causal=causal, packed=packed)
             out[rows], lse[rows] = merge_partials(out[rows], lse[rows], local_out, local_lse)
             next_pending = None
         else:
-            positions = held_pos if causal else torch.zeros(held_q.shape[0], dtype=torch.int64)
-            part_out, part_lse = block_attention(held_q, k, v, positions, k_pos, causal=causal)
+            positions = held_pos if with_keys else torch.zeros(held_q.shape[0], dtype=torch.int64)
+            part_out, part_lse = keyed_attention(held_q, k, v, positions, k_pos, causal=causal, packed=packed)
             # NOTE: partials travel in the input dtype (bf16 on GPU halves the return bytes); the merge
             # itself is fp32. lse stays fp32: in bf16 an lse of 20 would be off by ~0.06, i.e. 6%.
             next_pending = ((rank + phase) % n, part_out.to(q.dtype), part_lse)

@@ -8,6 +8,7 @@ Over torch.distributed this is deepspeed.sequence.layer.DistributedAttention; th
 the same exchanges through the Transport. Uneven shards are padded to the longest (all-to-all needs
 equal chunks); padded rows are dropped before attention, so no sentinel reaches the math. The output
 all-to-all carries out and lse together as [.., D + 1] fp32 columns, so lse comes back exactly.
+Packed batches (sequence ids, see tokenring): the position all-gather carries the token keys.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated
-from longbow.ringattn.layout import Shard
-from longbow.ringattn.local import block_attention
+from longbow.ringattn.comm import CommCounter, DistTransport, Transport, run_emulated, setup_lengths
+from longbow.ringattn.layout import Shard, check_packed
+from longbow.ringattn.local import keyed_attention, token_keys
 
 
 def ulysses_supported(heads_kv: int, world_size: int) -> bool:
@@ -36,18 +37,26 @@ def ulysses_attention(
     causal: bool = True,
     group: dist.ProcessGroup | None = None,
     counter: CommCounter | None = None,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
+    kv_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's queries attended over every rank's KV. Returns out [Tq, Hq, D], lse [Tq, Hq] fp32."""
+    """This rank's queries attended over every rank's KV. Returns out [Tq, Hq, D], lse [Tq, Hq] fp32.
+    q_seq/k_seq: a packed batch (see tokenring); q_lens/kv_lens: every rank's counts, when known."""
     transport = DistTransport(group, counter)
-    return ulysses_rank(transport, q, k, v, q_pos, k_pos, causal=causal, exchange=_DeepSpeedExchange(group))
+    return ulysses_rank(transport, q, k, v, q_pos, k_pos, causal=causal, exchange=_DeepSpeedExchange(group),
+                        q_seq=q_seq, k_seq=k_seq, q_lens=q_lens, kv_lens=kv_lens)
 
 
 def ulysses_attention_emulated(
-    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None
+    shards: list[Shard], *, causal: bool = True, counters: list[CommCounter] | None = None,
+    q_lens: list[int] | None = None, kv_lens: list[int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same schedule over N emulated ranks in this process (one shard per rank)."""
     return run_emulated(
-        lambda transport, s: ulysses_rank(transport, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal),
+        lambda transport, s: ulysses_rank(transport, s.q, s.k, s.v, s.q_pos, s.k_pos, causal=causal,
+                                          q_seq=s.q_seq, k_seq=s.k_seq, q_lens=q_lens, kv_lens=kv_lens),
         shards,
         counters,
     )
@@ -74,13 +83,13 @@ class _LocalAttention(torch.nn.Module):
         super().__init__()
         self.compute_s = 0.0
 
-    def forward(self, q, k, v, *, q_rows, k_rows, q_pos, k_pos, causal):
+    def forward(self, q, k, v, *, q_rows, k_rows, q_pos, k_pos, causal, packed=False):
         start = time.perf_counter()
         if q_pos is None:  # no mask: positions are never read
             q_pos = torch.zeros(len(q_rows), dtype=torch.int64)
             k_pos = torch.zeros(len(k_rows), dtype=torch.int64)
-        out, lse = block_attention(
-            q[0, q_rows], k[0, k_rows], v[0, k_rows], q_pos, k_pos, causal=causal
+        out, lse = keyed_attention(
+            q[0, q_rows], k[0, k_rows], v[0, k_rows], q_pos, k_pos, causal=causal, packed=packed
         )  # [Tq_all, Hq/N, D], [Tq_all, Hq/N]
         packed = torch.zeros(q.shape[1], q.shape[2], q.shape[3] + 1, dtype=torch.float32, device=q.device)
         packed[q_rows] = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
@@ -160,18 +169,29 @@ def ulysses_rank(
     *,
     causal: bool = True,
     exchange=None,
+    q_seq: torch.Tensor | None = None,
+    k_seq: torch.Tensor | None = None,
+    q_lens: list[int] | None = None,
+    kv_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ulysses for one rank. `exchange` defaults to all-to-alls over the transport."""
     n = transport.world_size
     t_q, h_q, d = q.shape
     if not ulysses_supported(k.shape[1], n):
         raise ValueError(f"Ulysses needs KV heads ({k.shape[1]}) divisible by the number of ranks ({n})")
-    lengths = transport.all_gather_ints("setup", [t_q, k.shape[0]])
-    q_lens, k_lens = [x[0] for x in lengths], [x[1] for x in lengths]
+    packed = check_packed(q_seq, k_seq)
+    q_pos, k_pos = token_keys(q_pos, q_seq), token_keys(k_pos, k_seq)
+    if (q_lens is None) != (kv_lens is None):
+        raise ValueError("pass both q_lens and kv_lens, or neither")
+    if q_lens is None:
+        lengths = transport.all_gather_ints("setup", [t_q, k.shape[0]])
+        q_lens, k_lens = [x[0] for x in lengths], [x[1] for x in lengths]
+    else:
+        q_lens, k_lens = setup_lengths(transport, t_q, q_lens), setup_lengths(transport, k.shape[0], kv_lens)
     q_pad, k_pad = max(q_lens), max(k_lens)
     q_rows, k_rows = _valid_rows(q_lens, q_pad), _valid_rows(k_lens, k_pad)
     all_q_pos = all_k_pos = None
-    if causal:
+    if causal or packed:  # token keys: positions, and sequence ids when packed
         gathered = transport.all_gather("positions", torch.cat([_pad_rows(q_pos, q_pad), _pad_rows(k_pos, k_pad)]))
         all_q_pos = torch.cat([g[:q_pad] for g in gathered])[q_rows]
         all_k_pos = torch.cat([g[q_pad:] for g in gathered])[k_rows]
@@ -179,7 +199,7 @@ def ulysses_rank(
     padded = {"q": _pad_rows(q, q_pad), "k": _pad_rows(k, k_pad), "v": _pad_rows(v, k_pad)}
     packed = exchange(
         padded["q"], padded["k"], padded["v"],
-        q_rows=q_rows, k_rows=k_rows, q_pos=all_q_pos, k_pos=all_k_pos, causal=causal,
+        q_rows=q_rows, k_rows=k_rows, q_pos=all_q_pos, k_pos=all_k_pos, causal=causal, packed=packed,
     )  # [T_pad, Hq, D + 1]
     if isinstance(exchange, _DeepSpeedExchange):
         _record_deepspeed_bytes(transport, {**padded, "out": packed})

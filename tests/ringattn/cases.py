@@ -123,3 +123,84 @@ def errors(built: Built, rank: int, out: torch.Tensor, lse: torch.Tensor) -> tup
     assert torch.equal(finite, torch.isfinite(lse)), "lse is -inf exactly where no key is visible"
     lse_err = (lse[finite] - built.reference_lse[rows][finite]).abs().max().item() if finite.any() else 0.0
     return out_err, lse_err
+
+
+# ---- packed batches: several sequences of uneven lengths in one call ----------------------------------
+# (KV length, queries) per sequence: queries are the last `queries` tokens, so a full prefill, a decode
+# (1) and a chunk of a longer prefill are mixed in one batch; a sequence may have no token on a rank.
+PACKED_BATCHES = {
+    "mixed": ((9, 9), (14, 1), (1, 1), (17, 5), (6, 1)),
+    "decode": ((11, 1), (3, 1), (16, 1), (7, 1)),
+}
+PACKED_SCHEDULES = ("tokenring", "ring", "ulysses", "decode_pass_q", "decode_allreduce")
+LENGTH_ARGUMENTS = {  # which lengths each schedule takes when the caller knows every rank's
+    "tokenring": ("q_lens",), "decode_pass_q": ("q_lens",), "decode_allreduce": ("q_lens",),
+    "ring": ("kv_lens",), "ulysses": ("q_lens", "kv_lens"),
+}
+
+
+@dataclass(frozen=True)
+class PackedCase:
+    schedule: str
+    world_size: int
+    causal: bool
+    gqa: int
+    batch: str  # a PACKED_BATCHES name
+    sizes_known: bool  # every rank is told every rank's lengths (no setup all-gather)
+
+    @property
+    def name(self) -> str:
+        mask = "causal" if self.causal else "full"
+        sizes = "known" if self.sizes_known else "gathered"
+        return f"packed-{self.schedule}-n{self.world_size}-{mask}-gqa{self.gqa}-{self.batch}-{sizes}"
+
+    def length_kwargs(self, shards: list[Shard]) -> dict[str, list[int]]:
+        if not self.sizes_known:
+            return {}
+        lengths = {"q_lens": [len(s.q_pos) for s in shards], "kv_lens": [len(s.k_pos) for s in shards]}
+        return {key: lengths[key] for key in LENGTH_ARGUMENTS[self.schedule]}
+
+
+def all_packed_cases(world_size: int, gqa_ratios: tuple[int, ...] = GQA_RATIOS) -> list[PackedCase]:
+    return [
+        PackedCase(s, world_size, c, g, b, known)
+        for s in PACKED_SCHEDULES for c in (True, False) for g in gqa_ratios for b in PACKED_BATCHES
+        for known in ((c,) if s != "ulysses" else (True, False))
+    ]
+
+
+def build_packed(case: PackedCase) -> Built:
+    """Each token of each sequence sits on a random rank (its query, if it is one, on the same rank);
+    rank r's rows are its tokens sequence by sequence, in position order (as a shard packs a step)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    n, h_q = case.world_size, HEADS_KV * case.gqa
+    sequences = []
+    for seq, (length, queries) in enumerate(PACKED_BATCHES[case.batch]):
+        q = torch.randn(length, h_q, HEAD_DIM, generator=gen)
+        k = torch.randn(length, HEADS_KV, HEAD_DIM, generator=gen)
+        v = torch.randn(length, HEADS_KV, HEAD_DIM, generator=gen)
+        positions = torch.arange(length) + 3 * seq  # sequences need not start at 0
+        rank_of = torch.randint(0, n, (length,), generator=gen)
+        sequences.append((q, k, v, positions, rank_of, length - queries))
+    shards, references = [], []
+    for r in range(n):
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("q", "k", "v", "qp", "kp", "qs", "ks")}
+        for seq, (q, k, v, positions, rank_of, first_query) in enumerate(sequences):
+            kv = torch.nonzero(rank_of == r).flatten()
+            rows = kv[kv >= first_query]
+            parts["q"].append(q[rows]), parts["qp"].append(positions[rows])
+            parts["qs"].append(torch.full((len(rows),), seq, dtype=torch.int64))
+            parts["k"].append(k[kv]), parts["v"].append(v[kv]), parts["kp"].append(positions[kv])
+            parts["ks"].append(torch.full((len(kv),), seq, dtype=torch.int64))
+            if len(rows):
+                references.append((sdpa_reference(q[rows], k, v, positions[rows], positions, causal=case.causal),
+                                   reference_lse(q[rows], k, positions[rows], positions, causal=case.causal)))
+        cat = {key: torch.cat(value) for key, value in parts.items()}
+        shards.append(Shard(cat["q"], cat["k"], cat["v"], cat["qp"], cat["kp"], cat["qs"], cat["ks"]))
+    q_indices, start = [], 0
+    for shard in shards:
+        q_indices.append(torch.arange(start, start + len(shard.q_pos)))
+        start += len(shard.q_pos)
+    reference_out = torch.cat([out for out, _ in references])
+    reference_lses = torch.cat([lse for _, lse in references])
+    return Built(shards, q_indices, reference_out, reference_lses)
