@@ -50,9 +50,27 @@ def test_tokenring_beats_ring_exposed_communication_on_a_mesh_for_mha() -> None:
     tokenring = _predict("tokenring", MHA, pos, pos, A10_PCIE_MESH)
     ring = _predict("ring", MHA, pos, pos, A10_PCIE_MESH)
     assert tokenring.exposed_s < 0.5 * ring.exposed_s
-    # per-step communication: the paper measures ~3.5-4.6 ms for TokenRing, ~7.6 ms for ring
+
+
+def test_ring_step_consistency_with_the_measurement_the_link_speed_came_from() -> None:
+    """A CONSISTENCY CHECK, NOT A VALIDATION: A10_PCIE_MESH's 13.2 GB/s was derived from the TokenRing paper's
+    ~7.6 ms ring step (ringattn/costmodel.py says so), so this can only fail if the model's ring byte count
+    drifts from the 100.7 MB per step that derivation assumed (a 6k-token bf16 K+V block of 32x128 heads).
+    It says nothing about whether the model predicts real hardware; the next test does that, on one point."""
+    pos = prefill_positions(24576, 4)
+    ring = _predict("ring", MHA, pos, pos, A10_PCIE_MESH)
     ring_step = ring.comm_s - 3 * A10_PCIE_MESH.latency_s
     assert 7.0e-3 < ring_step / 3 < 8.2e-3
+
+
+def test_tokenring_step_matches_a_measurement_the_model_was_not_fitted_on() -> None:
+    """Held out: the paper's TokenRing per-step communication (~3.5-4.6 ms, same testbed) played no part in
+    choosing any constant; the link speed was fitted on the ring step only. A TokenRing step moves other
+    bytes (a query block one hop, a result block and its log-sum-exp back), so this checks the model's byte
+    accounting and its per-link timing against an independent number. One point, one testbed: weak
+    evidence, stated as such. bench/ringattn.py checks the byte counts exactly against measured traffic over
+    gloo, and its timings (docs/benchmarks.md: within 30% in 16 of 40 rows) are the model's real test."""
+    pos = prefill_positions(24576, 4)
     phase_2 = schedule_steps("tokenring", MHA, pos, pos)[3]  # a query hop and a result return
     assert phase_2.label == "step 2"
     assert 3.5e-3 < step_times(phase_2, MHA, A10_PCIE_MESH)[1] < 4.6e-3
