@@ -3,7 +3,15 @@ under LONGBOW_HOME, so only the first run on a machine pays the ~30 s GGUF de-qu
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# NOTE: Ray turns token authentication on when ~/.ray/auth_token exists, and a process keeps the mode it
+# read at its first ray.init. A test that pinned it off for one connection then left later local Rays
+# (started with the default) demanding a token this process would not send. Every Ray the tests start
+# is local and throwaway, so the whole test session pins it off, for its own processes and children.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +102,64 @@ class RunningGateway:
                 return stats
             time.sleep(0.02)
 
+    # ---- what a test may leave behind on a shared gateway (see `shared_gateway_left_clean`) ----------
+    def session_ids(self) -> set[str]:
+        from longbow.services.gateway.sessions import SessionsServicer
+
+        manager = next(s for s in self.gateway.servicers if isinstance(s, SessionsServicer)).manager
+        return set(self.run(self.engine.call(lambda engine: list(manager.sessions))))
+
+    def close_sessions(self, session_ids) -> None:
+        from longbow.services.gateway.sessions import SessionsServicer
+
+        manager = next(s for s in self.gateway.servicers if isinstance(s, SessionsServicer)).manager
+        for session_id in session_ids:
+            self.run(self.engine.call(lambda engine, sid=session_id: manager.close(sid, "closed after a test")))
+
+    def document_ids(self) -> set[str]:
+        """Ids of the documents the gateway serves (empty until its store has started). The index follows the
+        store in the background (a Delete lands in the store first): catch it up, then read it."""
+        from longbow.services.gateway.retrieval import RetrievalServicer
+
+        retrieval = next(s for s in self.gateway.servicers if isinstance(s, RetrievalServicer))
+        if retrieval.retriever is None:
+            return set()
+        retrieval.retriever.index.follow(retrieval.store)
+        return set(retrieval.retriever.index.document_hashes())
+
+    def leaks_since(self, before: dict, bound_s: float = 30.0) -> list[str]:
+        """What the gateway holds now that it did not hold at `before` (a `state()`): sessions and documents
+        are named and then closed/deleted, so the next test starts clean; KV must come back to its level at
+        `before`, with no request running or waiting, within `bound_s` (aborts and closes travel to the
+        engine thread asynchronously). Returns one line per leak."""
+        import time
+
+        leaks = []
+        sessions = self.session_ids() - before["sessions"]
+        if sessions:
+            leaks.append(f"{len(sessions)} edit session(s) left open: {sorted(sessions)}")
+            self.close_sessions(sessions)
+        documents = self.document_ids() - before["documents"]
+        if documents:
+            leaks.append(f"{len(documents)} document(s) left in the index: {sorted(documents)}")
+            from longbow.services.client.sdk import LongbowClient
+
+            with LongbowClient(self.address, timeout_s=60) as client:
+                client.delete(sorted(documents))
+        deadline = time.monotonic() + bound_s
+        while True:
+            stats = self.engine_stats()
+            if stats["kv_blocks_used"] <= before["kv_blocks_used"] and stats["running"] == stats["waiting"] == 0:
+                return leaks
+            if time.monotonic() > deadline:
+                return leaks + [f"KV blocks in use {stats['kv_blocks_used']} (was {before['kv_blocks_used']}), "
+                                f"running {stats['running']}, waiting {stats['waiting']} after {bound_s:g} s"]
+            time.sleep(0.02)  # polling interval of a bounded wait
+
+    def state(self) -> dict:
+        return {"sessions": self.session_ids(), "documents": self.document_ids(),
+                "kv_blocks_used": self.engine_stats()["kv_blocks_used"]}
+
     def close(self):
         self.run(self.gateway.stop(0.5))
         self.engine.shutdown()
@@ -115,9 +181,38 @@ def engine_lm(loaded_model, tokenizer):
 
 @pytest.fixture(scope="session")
 def gateway(loaded_model, tokenizer):
+    """One real gateway shared by every test that asks for it (starting one costs seconds); a test must leave
+    it as it found it, which `shared_gateway_left_clean` checks after each of them."""
     running = RunningGateway(loaded_model, tokenizer)
     yield running
     running.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item: a fixture's teardown can see whether the test passed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"longbow_report_{report.when}", report)
+
+
+@pytest.fixture(autouse=True)
+def shared_gateway_left_clean(request):
+    """After each test that uses the shared `gateway`: KV back to where it was, no request running, no edit
+    session or document it added left behind. A passing test that leaks fails here, at its own teardown, and
+    not some later test in another module that asserts zero KV; the leak is then cleaned up so the tests
+    after it start clean. A test that already failed is only cleaned up (its own failure is the report).
+    Runs after the test's own function fixtures are torn down (an editor stopped, a client closed)."""
+    if "gateway" not in request.fixturenames:
+        yield
+        return
+    shared = request.getfixturevalue("gateway")
+    before = shared.state()
+    yield
+    leaks = shared.leaks_since(before)
+    call = getattr(request.node, "longbow_report_call", None)
+    if leaks and call is not None and call.passed:
+        pytest.fail(f"{request.node.nodeid} left the shared gateway dirty: " + "; ".join(leaks), pytrace=False)
 
 
 @pytest.fixture(scope="session")

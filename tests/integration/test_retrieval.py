@@ -49,6 +49,7 @@ def test_ingest_query_delete(client):
     assert client.delete([f"{tag}-0", f"{tag}-0", "never-existed"]) == 1
     after = client.query("Which town is known for cheese?", top_k=5, filters={"tag": tag}).citations
     assert after and all(c.document_id != f"{tag}-0" for c in after)
+    assert client.delete([f"{tag}-1", f"{tag}-2"]) == 2  # the shared gateway is left as found (conftest checks)
 
 
 def test_default_chunker_is_meta_chunking_on_the_served_model(client):

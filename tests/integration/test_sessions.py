@@ -25,21 +25,6 @@ def client(gateway):
         yield c
 
 
-@pytest.fixture(autouse=True)
-def no_session_left_open(gateway):
-    """Close whatever a (failed) test left open, so one failure cannot fail the KV checks of the next."""
-    yield
-    sessions = gateway.run(gateway.engine.call(lambda engine: list(_manager(gateway).sessions)))
-    for session_id in sessions:
-        gateway.run(gateway.engine.call(lambda engine, sid=session_id: _manager(gateway).close(sid)))
-
-
-def _manager(gateway):
-    from longbow.services.gateway.sessions import SessionsServicer
-
-    return next(s for s in gateway.gateway.servicers if isinstance(s, SessionsServicer)).manager
-
-
 def _fresh_prediction(client, text, cursor, max_tokens):
     """What a session opened on `text` itself predicts (no edits: the reference)."""
     sid = client.open_session(text)
