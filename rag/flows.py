@@ -23,6 +23,8 @@ from typing import Union
 from longbow.rag import dragin
 from longbow.rag.lm import LM
 from longbow.rag.modules import flare, generation, query, retrieval
+from longbow.rag.modules.generation import PROMPTS
+from longbow.rag.modules.reader import extract_answer
 from longbow.rag.modules.state import FlowSettings, FlowState, TraceEvent
 from longbow.rag.types import Hit, Retriever
 
@@ -72,6 +74,7 @@ class FlowResult:
     retrievals: int = 0
     lm_calls: int = 0
     generated_tokens: int = 0
+    short_answer: str = ""  # the reader prompt's extracted answer; the stripped answer otherwise
 
 
 # --- decisions (routers and loop judges) ----------------------------------------------------------------
@@ -258,22 +261,28 @@ def build_flow(name: str, **options) -> Node:
 
 def execute_flow(flow: Node, question: str, retriever: Retriever, lm: LM, *, top_k: int = 5,
                  filters: dict | None = None, max_tokens: int = 128,
-                 on_text: Callable[[str], None] | None = None) -> FlowResult:
+                 on_text: Callable[[str], None] | None = None, prompt: str = "phrase") -> FlowResult:
+    """Run flow. prompt: "phrase" (one instruction turn) or "reader" (few-shot turns ending in "So the
+    answer is ..."; FlowResult.short_answer then holds the extracted answer). Unknown prompt -> ValueError."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt {prompt!r}; valid prompts: {', '.join(PROMPTS)}")
     # NOTE: room for three rounds of top_k documents: with 2 * top_k, DRAGIN's third round pushed the first
     # hop's documents out of the prompt (bench/rag_qa.py, first run: gold documents in context fell to 0)
     settings = FlowSettings(top_k=top_k, filters=filters, max_tokens=max_tokens, on_text=on_text,
-                            max_context_hits=3 * top_k)
+                            max_context_hits=3 * top_k, prompt=prompt)
     state = FlowState(question, retriever, lm, settings)
     execute(flow, state)
     usage = state.usage
+    short = extract_answer(state.answer) if prompt == "reader" else state.answer.strip()
     return FlowResult(state.answer, list(state.hits), usage.retrieval_rounds, state.trace, usage.retrievals,
-                      usage.lm_calls, usage.generated_tokens)
+                      usage.lm_calls, usage.generated_tokens, short)
 
 
 def run_flow(name: str, question: str, retriever: Retriever, lm: LM, *, top_k: int = 5,
              filters: dict | None = None, max_tokens: int = 128,
-             on_text: Callable[[str], None] | None = None) -> FlowResult:
+             on_text: Callable[[str], None] | None = None, prompt: str = "phrase") -> FlowResult:
     """Answer question with the named flow: none, single, fixed_interval, flare, dragin (and the
-    multi_query / routed compositions). Raises ValueError for an unknown name."""
+    multi_query / routed compositions) and the prompt shape (see execute_flow). Raises ValueError for an
+    unknown name or prompt."""
     return execute_flow(build_flow(name), question, retriever, lm, top_k=top_k, filters=filters,
-                        max_tokens=max_tokens, on_text=on_text)
+                        max_tokens=max_tokens, on_text=on_text, prompt=prompt)

@@ -1,5 +1,6 @@
 """Scores for rag/ evaluations: answers (exact match and token F1 after SQuAD normalisation, gold
-containment), segmentations (boundary F1 with a tolerance, Pk) and a Wilson interval for small samples."""
+containment), segmentations (boundary F1 with a tolerance, Pk), a Wilson interval for small samples, and
+paired tests of two systems on the same questions (exact sign test, paired bootstrap)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,26 @@ def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[floa
     centre = (share + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test on 0/1 scores): the probability, with wins and
+    losses equally likely, of a split at least as uneven as this one. Ties are left out; 1.0 when none."""
+    trials = wins + losses
+    if trials == 0:
+        return 1.0
+    extreme = min(wins, losses)
+    tail = sum(math.comb(trials, k) for k in range(extreme + 1)) / 2 ** trials
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(better: list[float], baseline: list[float], samples: int = 10_000,
+                     seed: int = 0) -> float:
+    """One-sided paired bootstrap p-value that `better` does not beat `baseline` on average: the share of
+    resamples of the questions (with replacement, same questions for both) whose mean difference is <= 0."""
+    if len(better) != len(baseline) or not better:
+        raise ValueError("paired_bootstrap needs two score lists of the same, non-zero length")
+    differences = np.asarray(better, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(differences), size=(samples, len(differences)))
+    return float(np.mean(differences[picks].mean(axis=1) <= 0))

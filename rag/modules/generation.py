@@ -5,6 +5,7 @@ the committed answer as the start of the assistant's turn."""
 from __future__ import annotations
 
 from longbow.rag.lm import LM, LMGeneration
+from longbow.rag.modules.reader import reader_messages
 from longbow.rag.modules.state import FlowState
 from longbow.rag.types import Hit
 
@@ -23,12 +24,21 @@ def user_message(question: str, hits: list[Hit]) -> str:
     return "\n".join(lines)
 
 
+def phrase_messages(question: str, hits: list[Hit]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user_message(question, hits)}]
+
+
+# "phrase": one instruction turn (the default answer); "reader": few-shot turns that end in "So the answer
+# is ..." (rag.modules.reader), for answers scored against a short gold phrase
+PROMPTS = {"phrase": phrase_messages, "reader": reader_messages}
+
+
 def build_prompt(lm: LM, question: str, hits: list[Hit], answer_so_far: str,
-                 max_new_tokens: int) -> list[int]:
+                 max_new_tokens: int, prompt: str = "phrase") -> list[int]:
     """Prompt ids; the oldest context documents are dropped until prompt + max_new_tokens fits the LM."""
-    hits = list(hits)
+    hits, messages = list(hits), PROMPTS[prompt]
     while True:
-        ids = lm.chat([{"role": "user", "content": user_message(question, hits)}])
+        ids = lm.chat(messages(question, hits))
         if answer_so_far:
             ids = ids + lm.tokenize(answer_so_far)
         if len(ids) + max_new_tokens <= lm.max_context or not hits:
@@ -40,7 +50,8 @@ def run_generation(state: FlowState, max_new_tokens: int, *, stream: bool = Fals
                    return_attention: bool = False) -> tuple[list[int], LMGeneration]:
     """One LM call continuing the committed answer with the current context; counts it. When stream is
     set the text goes to on_text live (the caller then commits all of it)."""
-    prompt = build_prompt(state.lm, state.question, state.hits, state.answer, max_new_tokens)
+    prompt = build_prompt(state.lm, state.question, state.hits, state.answer, max_new_tokens,
+                          state.settings.prompt)
     on_text = state.settings.on_text if stream else None
     generation = state.lm.generate(prompt, max_tokens=max_new_tokens, return_attention=return_attention,
                                    on_text=on_text)

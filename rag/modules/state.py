@@ -14,13 +14,14 @@ from longbow.rag.types import Hit, Retriever
 @dataclass(frozen=True)
 class FlowSettings:
     """Per-call options from run_flow. max_tokens bounds the committed answer over all rounds;
-    max_context_hits bounds the documents kept in the prompt across rounds."""
+    max_context_hits bounds the documents kept in the prompt across rounds; prompt names the prompt shape."""
 
     top_k: int = 5
     filters: dict[str, str] | None = None
     max_tokens: int = 128
     on_text: Callable[[str], None] | None = None
     max_context_hits: int = 10
+    prompt: str = "phrase"  # a name in rag.modules.generation.PROMPTS
 
 
 @dataclass

@@ -3,8 +3,8 @@ agree with hand-computed values."""
 
 import pytest
 
-from longbow.rag.eval.metrics import (answer_contains, boundary_f1, exact_match, normalize_answer, pk, token_f1,
-                              wilson_interval)
+from longbow.rag.eval.metrics import (answer_contains, boundary_f1, exact_match, normalize_answer,
+                                     paired_bootstrap, pk, sign_test, token_f1, wilson_interval)
 from longbow.rag.eval.synthetic import make_chunking_set, make_corpus
 
 
@@ -90,3 +90,20 @@ def test_pk_on_hand_examples():
 def test_wilson_interval_brackets_the_share():
     low, high = wilson_interval(8, 40)
     assert low < 0.2 < high and 0.09 < low < 0.11 and 0.34 < high < 0.36
+
+
+def test_sign_test_against_the_binomial_by_hand():
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)  # 2 * 0.5^10
+    assert sign_test(0, 10) == sign_test(10, 0)
+    assert sign_test(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)  # 2 * P(X <= 3), n = 10
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_paired_bootstrap_separates_a_clear_win_from_a_tie():
+    better, baseline = [1.0] * 12 + [0.0] * 8, [0.0] * 20
+    assert paired_bootstrap(better, baseline) < 0.001
+    assert paired_bootstrap(baseline, better) == 1.0
+    assert paired_bootstrap([1.0, 0.0] * 10, [0.0, 1.0] * 10) > 0.4  # as many losses as wins
+    assert paired_bootstrap(better, baseline, seed=1) == pytest.approx(paired_bootstrap(better, baseline, seed=1))
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 0.0])
