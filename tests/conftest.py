@@ -114,7 +114,8 @@ class RunningGateway:
 
         manager = next(s for s in self.gateway.servicers if isinstance(s, SessionsServicer)).manager
         for session_id in session_ids:
-            self.run(self.engine.call(lambda engine, sid=session_id: manager.close(sid, "closed after a test")))
+            close = lambda engine, sid=session_id: manager.close(sid, "closed after a test")  # noqa: E731
+            self.run(self.engine.call(close))
 
     def document_ids(self) -> set[str]:
         """Ids of the documents the gateway serves (empty until its store has started). The index follows the
@@ -149,11 +150,12 @@ class RunningGateway:
         deadline = time.monotonic() + bound_s
         while True:
             stats = self.engine_stats()
-            if stats["kv_blocks_used"] <= before["kv_blocks_used"] and stats["running"] == stats["waiting"] == 0:
+            idle = stats["running"] == stats["waiting"] == 0
+            if idle and stats["kv_blocks_used"] <= before["kv_blocks_used"]:
                 return leaks
             if time.monotonic() > deadline:
-                return leaks + [f"KV blocks in use {stats['kv_blocks_used']} (was {before['kv_blocks_used']}), "
-                                f"running {stats['running']}, waiting {stats['waiting']} after {bound_s:g} s"]
+                return leaks + [f"KV blocks in use {stats['kv_blocks_used']} "
+                                f"(was {before['kv_blocks_used']}), running {stats['running']}, waiting {stats['waiting']} after {bound_s:g} s"]
             time.sleep(0.02)  # polling interval of a bounded wait
 
     def state(self) -> dict:
@@ -212,7 +214,8 @@ def shared_gateway_left_clean(request):
     leaks = shared.leaks_since(before)
     call = getattr(request.node, "longbow_report_call", None)
     if leaks and call is not None and call.passed:
-        pytest.fail(f"{request.node.nodeid} left the shared gateway dirty: " + "; ".join(leaks), pytrace=False)
+        pytest.fail(f"{request.node.nodeid} left the shared gateway dirty: " + "; ".join(leaks),
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

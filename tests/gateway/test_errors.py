@@ -21,7 +21,13 @@ from longbow.services.engine.errors import (
     PromptTooLongError,
     UnknownRequestError,
 )
-from longbow.services.gateway.errors import AuthError, ErrorInterceptor, NotFoundError, WrongReplicaError, status_for
+from longbow.services.gateway.errors import (
+    AuthError,
+    ErrorInterceptor,
+    NotFoundError,
+    WrongReplicaError,
+    status_for,
+)
 
 S = grpc.StatusCode
 
@@ -56,8 +62,8 @@ SERVICE = "test.Stand"
 
 def _stand_in_handlers():
     """Unary `Say` and streaming `Many`: the session_id says what to do (ok, or raise one error)."""
-    raised = {"invalid": InvalidRequestError("cursor 9 is past the end"), "boom": RuntimeError("secret detail"),
-              "capacity": CapacityError("")}
+    raised = {"invalid": InvalidRequestError("cursor 9 is past the end"),
+              "boom": RuntimeError("secret detail"), "capacity": CapacityError("")}
 
     async def say(request, context):
         if request.session_id in raised:
@@ -113,8 +119,9 @@ async def _say(channel, session_id="ok", metadata=None, raw: bytes | None = None
         return err.code(), err.details()
 
 
-async def _many(channel, session_id="ok"):
-    call = channel.unary_stream(f"/{SERVICE}/Many", request_serializer=pb.PredictRequest.SerializeToString,
+async def _many(channel, session_id="ok", raw: bytes | None = None):
+    serializer = (lambda _: raw) if raw is not None else pb.PredictRequest.SerializeToString
+    call = channel.unary_stream(f"/{SERVICE}/Many", request_serializer=serializer,
                                 response_deserializer=pb.PredictResponse.FromString)
     got = []
     try:
@@ -153,11 +160,13 @@ def test_malformed_bytes_are_invalid_argument_not_internal():
     async def calls(channel):
         bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding invalid UTF-8
         garbage = b"\xff\xff\xff"
-        return [await _say(channel, raw=bad_utf8), await _say(channel, raw=garbage)]
+        unary = [await _say(channel, raw=bad_utf8), await _say(channel, raw=garbage)]
+        return unary, await _many(channel, raw=garbage)
 
-    results, _ = _serve_and_call(calls)
-    assert [code for code, _ in results] == [S.INVALID_ARGUMENT, S.INVALID_ARGUMENT]
-    assert all(details.startswith("malformed request") for _, details in results)
+    (unary, stream), _ = _serve_and_call(calls)
+    assert [code for code, _ in unary] == [S.INVALID_ARGUMENT, S.INVALID_ARGUMENT]
+    assert all(details.startswith("malformed request") for _, details in unary)
+    assert stream == (S.INVALID_ARGUMENT, [])  # refused before the handler ran: nothing streamed
 
 
 def test_bearer_token_checked_and_health_left_open():

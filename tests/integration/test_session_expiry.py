@@ -35,7 +35,8 @@ TEXT = "def area(width, height):\n    return width * height\n"
 def running(loaded_model, tokenizer):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gateway_sessions, "EXPIRY_PERIOD_S", TICK_S)
-        started = RunningGateway(loaded_model, tokenizer, sections={"sessions": SessionsConfig(max_sessions_per_client=2)})
+        sessions = SessionsConfig(max_sessions_per_client=2)
+        started = RunningGateway(loaded_model, tokenizer, sections={"sessions": sessions})
         try:
             yield started
         finally:
@@ -51,7 +52,8 @@ def client(running):
 
 
 def _open_gauge(running) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{running.gateway.metrics_port}/metrics", timeout=10).read()
+    url = f"http://127.0.0.1:{running.gateway.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read()
     return next(float(line.split()[1]) for line in body.decode().splitlines()
                 if line.startswith("longbow_sessions_open "))
 
@@ -130,7 +132,8 @@ def test_session_limit_is_per_client_id_header_else_per_peer(running, client):
         (first_code, alices_first), (second_code, _) = alice(), alice()
         assert first_code == second_code == grpc.StatusCode.OK
         code, message = alice()
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "this client has 2 open sessions (limit 2)" in message
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this client has 2 open sessions (limit 2)" in message
         # Same address, same process: only the header tells bob apart, and his limit is his own.
         assert [bob()[0], bob()[0]] == [grpc.StatusCode.OK] * 2
         assert bob()[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
