@@ -26,8 +26,9 @@ class Example:
     answer: str  # the reasoning and the cue sentence
 
 
-# NOTE: in-domain exemplars (the paper writes dataset-specific ones too): two two-hop and two single-hop
-# questions in the corpus's phrasing, with names no NameMaker seed produces (they contain "q" + "x").
+# NOTE: in-domain exemplars (the paper writes dataset-specific ones too): two two-hop questions and one
+# single-hop question in the corpus's phrasing (three, not more: every flow call prefills them, with no
+# prefix cache on CPU), with names no NameMaker seed produces (each holds a "q", a letter it never uses).
 EXAMPLES = (
     Example(("Qexlo Forge is a glassware company. Qexlo Forge was founded in 1931 by Ammi Taqex.",
              "Ammi Taqex is a poet known for a cycle of winter songs. Ammi Taqex was born in Dorquex in 1899."),
@@ -40,9 +41,6 @@ EXAMPLES = (
             "In which region is the city where Orqux Press has its headquarters?",
             "The headquarters of Orqux Press are in Linqax. Linqax is in the region of Barquex. "
             "So the answer is Barquex."),
-    Example(("Sexqa Mills is a textile company. Sexqa Mills was founded in 1968 by Quxo Reddam.",),
-            "In which year was Sexqa Mills founded?",
-            "Sexqa Mills was founded in 1968. So the answer is 1968."),
 )
 
 INSTRUCTION = f"Answer from the context. End with \"{ANSWER_CUE} ...\"."

@@ -95,3 +95,23 @@ def test_a_flow_with_the_reader_prompt_returns_the_extracted_answer():
     assert EXAMPLES[0].answer not in lm.calls[1].prompt and plain.short_answer == plain.answer.strip()
     with pytest.raises(ValueError, match="reader"):
         run_flow("single", "q", retriever, lm, prompt="chatty")
+
+
+# --- the real model -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_real_model_follows_the_reader_format_in_single_and_dragin_flows(engine_lm):
+    from longbow.rag.eval.synthetic import make_corpus
+
+    corpus = make_corpus(0, num_documents=12)
+    retriever = KeywordRetriever(corpus.documents)
+    single_hop = next(q for q in corpus.questions if q.hops == 1)
+    result = run_flow("single", single_hop.text, retriever, engine_lm, top_k=2, max_tokens=48, prompt="reader")
+    assert ANSWER_CUE.lower() in result.answer.lower()
+    assert result.short_answer == extract_answer(result.answer) and 1 <= len(result.short_answer.split()) <= 3
+    two_hop = next(q for q in corpus.questions if q.hops == 2)
+    pieces = []
+    result = run_flow("dragin", two_hop.text, retriever, engine_lm, top_k=2, max_tokens=48, prompt="reader",
+                      on_text=pieces.append)
+    assert "".join(pieces) == result.answer and result.short_answer
+    assert engine_lm.engine.stats()["kv_blocks_used"] == 0
