@@ -1,7 +1,8 @@
 """N shard actors forming one engine replica: an executor (services/engine/executor.py) like the in-process Worker.
 
-Each step is one `forward` call per shard (gathered together, no per-actor blocking get); the driver
-merges the outputs and samples. A shard that dies fails the step promptly (collectives time out, a dead
+Each step is one `forward` call per shard (gathered together, no per-actor blocking get); each shard
+samples the requests whose last token it holds, and the driver merges the shards' tokens, prompt
+logprobs and attention pieces into one StepResult. A shard that dies fails the step promptly (collectives time out, a dead
 actor's result errors at once), the in-flight requests get a retriable error, and the group rebuilds
 itself: new actors, a new process group on a new port.
 """
@@ -20,10 +21,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from longbow.services.config import LongbowConfig
 from longbow.services.engine.errors import EngineError
 from longbow.services.engine.model import ModelArgs
-from longbow.services.engine.types import StepPlan, StepResult
-from longbow.services.engine.worker import ForwardOutput, StepSampler
+from longbow.services.engine.types import SamplingParams, StepPlan, StepResult
 from longbow.services.shards.placement import plan_placement, unplaceable_message
-from longbow.services.shards.worker import ShardWorker
+from longbow.services.shards.worker import ShardStepOutput, ShardWorker
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ class ShardGroup:
             local_cpus = None if cfg.ray_address else max(os.cpu_count() or 1, num_shards * cfg.cpus_per_shard)
             ray.init(address=cfg.ray_address or None, num_cpus=local_cpus, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
-        self.sampler = StepSampler(args.eos_token_ids)
+        # sampling parameters of live requests: the shards keep their own copies; these are handed to a
+        # rebuilt group, whose new actors never saw the plans that announced the requests still queued
+        self.params: dict[str, SamplingParams] = {}
         self.recoveries = 0
         self.actors: list = []
         self._placement = None
@@ -52,16 +54,14 @@ class ShardGroup:
 
     # ---- the executor contract (services/engine/executor.py) ------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
-        self.sampler.update(plan)
-        return self.sampler.finish(plan, self.forward(plan))
+        """One `forward` call per shard, gathered together. Each shard samples the requests whose last
+        token it holds, so only tokens (and asked-for extras) come back, never a vocabulary of logits."""
+        for request_id in plan.finished:
+            self.params.pop(request_id, None)
+        self.params.update(plan.new_requests)
+        return merge_outputs(plan, self._gather([actor.forward.remote(plan) for actor in self.actors]))
 
     # ---- PIE document slots: the same interface as the in-process Worker ------------------------
-    def forward(self, plan: StepPlan) -> ForwardOutput:
-        merged = ForwardOutput()
-        for output in self._gather([actor.forward.remote(plan) for actor in self.actors]):
-            merged.merge(output)
-        return merged
-
     def shift_slots(self, slots: list[int], delta: int, rotate: bool) -> None:
         self._gather([actor.shift_slots.remote(slots, delta, rotate) for actor in self.actors])
 
@@ -80,11 +80,12 @@ class ShardGroup:
         """Replace every actor and form a new process group (survivors may be stuck in a collective)."""
         self._stop_actors()
         self._start()
+        self._gather([actor.remember.remote(self.params) for actor in self.actors])
         self.recoveries += 1
 
     def stats(self) -> dict:
         return {"shards": self._gather([actor.stats.remote() for actor in self.actors]),
-                "recoveries": self.recoveries, "tracked_requests": len(self.sampler.params)}
+                "recoveries": self.recoveries, "tracked_requests": len(self.params)}
 
     def shutdown(self) -> None:
         if self._owns_ray:
@@ -140,3 +141,35 @@ class ShardGroup:
             return ray.get(refs)
         except (RayActorError, RayTaskError, GetTimeoutError) as exc:
             raise ShardFailureError(f"shard failure: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def merge_outputs(plan: StepPlan, outputs: list[ShardStepOutput]) -> StepResult:
+    """The shards' outputs as one StepResult: every request is sampled by exactly one shard; prompt
+    logprobs come from every shard holding some of a chunk's rows; an attention row (DRAGIN) is the sum
+    of every shard's piece over the keys it holds, laid out by position as the in-process Worker does."""
+    result, prompt_pairs, pieces = StepResult(), {}, {}
+    for output in outputs:
+        result.sampled.update(output.result.sampled)
+        result.failed.update(output.result.failed)
+        result.logits.update(output.result.logits)
+        for request_id, pairs in output.prompt_logprobs.items():
+            prompt_pairs.setdefault(request_id, []).extend(pairs)
+        for request_id, piece in output.attention.items():
+            pieces.setdefault(request_id, []).append(piece)
+    for chunk in plan.chunks:
+        if chunk.request_id in prompt_pairs:
+            result.prompt_logprobs[chunk.request_id] = [lp for _, lp in sorted(prompt_pairs[chunk.request_id])]
+    for request_id, parts in pieces.items():
+        if request_id in result.sampled:
+            result.sampled[request_id].attention = _by_position(parts)
+    return result
+
+
+def _by_position(parts: list[tuple[list[int], list[float]]]) -> list[float]:
+    """Attention probabilities indexed by position id, from each shard's (positions, probabilities)."""
+    length = 1 + max((max(positions) for positions, _ in parts if positions), default=-1)
+    dense = [0.0] * length
+    for positions, probs in parts:
+        for position, prob in zip(positions, probs):
+            dense[position] += prob
+    return dense

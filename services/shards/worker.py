@@ -1,23 +1,42 @@
-"""One model shard: a full model replica, this shard's KV blocks and its rank in the ring's process
-group. A plain class with a synchronous constructor (tests build it directly); group.py wraps it as a
-Ray actor."""
+"""One model shard: a full model replica, this shard's KV blocks, its rank in the ring's process group,
+and the sampling of the requests whose last token it holds (counter-based seeded sampling, sampler.py,
+so a request draws the same tokens on any shard as in process). A plain class with a synchronous
+constructor (tests build it directly); group.py wraps it as a Ray actor."""
 
 from __future__ import annotations
 
 import datetime
 import socket
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from longbow.ringattn.costmodel import AttentionShape
 from longbow.services.config import LongbowConfig
-from longbow.services.engine.kv_cache import LocalPagedAttention
-from longbow.services.engine.types import StepPlan
+from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache
+from longbow.services.engine.types import SamplingParams, StepPlan, StepResult
 from longbow.services.engine.weights import load_model
-from longbow.services.engine.worker import ForwardOutput, ModelRunner, ShardLayout
-from longbow.services.shards.attention import ShardedPagedAttention
+from longbow.services.engine.worker import ModelRunner, ShardLayout, StepSampler
+from longbow.services.shards.attention import ShardedPagedAttention, step_layout
+
+
+@dataclass
+class ShardStepOutput:
+    """What one shard sends back for one step: plain values, no logits but document passes'."""
+
+    result: StepResult = field(default_factory=StepResult)  # sampled, failed, logits of this shard's requests
+    prompt_logprobs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (target position, logprob)
+    # request id -> (positions, attention probabilities) of the keys held here (DRAGIN), summed by the driver
+    attention: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+
+
+def _local_attention(meta: LocalStepMeta, cache: PagedKVCache) -> dict[str, tuple[list[int], list[float]]]:
+    """One shard holding all KV: the rows LocalPagedAttention filled, with their keys' positions."""
+    segments = {seg.request_id: seg for seg in meta.segments}
+    return {rid: (cache.positions[segments[rid].kv_slots].tolist(), row.float().tolist())
+            for rid, row in meta.attention_rows.items()}
 
 
 class ShardWorker:
@@ -27,6 +46,7 @@ class ShardWorker:
         cfg = config.engine
         self.layout = ShardLayout(cfg.num_blocks, cfg.block_size, world_size)
         self.runner: ModelRunner | None = None
+        self.sampler = StepSampler(self.loaded.args.eos_token_ids, self.loaded.device)
         self.backend = None
         self.steps, self.step_seconds = 0, 0.0
         self.bytes_sent = self.bytes_received = 0
@@ -56,20 +76,34 @@ class ShardWorker:
         self.backend = self.runner.backend
         return self.rank
 
-    def forward(self, plan: StepPlan) -> ForwardOutput:
+    def remember(self, params: dict[str, SamplingParams]) -> None:
+        """Sampling parameters of requests announced before this shard existed (a rebuilt group)."""
+        self.sampler.params.update(params)
+
+    def forward(self, plan: StepPlan) -> ShardStepOutput:
+        """One step on this shard: the forward pass over the tokens held here, then sampling of the
+        requests whose last token is here. Only tokens, logprobs, entropies (and asked-for attention
+        pieces and prompt logprobs) go back; logits only for document passes (`want_logits`)."""
         start = time.perf_counter()
-        if isinstance(self.backend, ShardedPagedAttention):
-            for chunk in plan.chunks:
-                if len(chunk.token_ids) == 1:
-                    self.backend.choose_decode(chunk.request_id)  # no need to look at the KV layout
-                elif chunk.kv_slots is not None:
-                    # NOTE: an edited document's chunk (PIE): a few new tokens against a long cached
-                    # document, where pass-Q moves far fewer bytes than pass-KV; its KV positions are
-                    # scattered over the shards, so no layout scan either.
-                    self.backend.choose_fixed(chunk.request_id, "tokenring")
-                else:
-                    self.backend.choose(chunk.request_id, *self._positions_by_rank(chunk))
-        output = self.runner.forward(plan)
+        self.sampler.update(plan)
+        sharded = isinstance(self.backend, ShardedPagedAttention)
+        if sharded:
+            self.backend.begin_step(step_layout(plan, self.layout, self.backend.shape))
+        logits, inputs, meta = self.runner.run(plan)  # [R, V]
+        output = ShardStepOutput(prompt_logprobs=self.runner.prompt_logprobs(plan, logits, inputs))
+        sampling, rows = [], []
+        for b, chunk in enumerate(plan.chunks):
+            if not (chunk.sample and chunk.shard == self.rank):
+                continue
+            last_row = int(inputs.logit_start[b + 1]) - 1
+            if chunk.want_logits:  # a document pass picks its own token (jobs.py)
+                output.result.logits[chunk.request_id] = logits[last_row].cpu()
+            else:
+                sampling.append(chunk), rows.append(last_row)
+        if sampling:
+            picked = logits.index_select(0, torch.tensor(rows, dtype=torch.int64, device=logits.device))
+            self.sampler.sample(sampling, picked, {}, output.result)
+        output.attention = self.backend.attention_parts if sharded else _local_attention(meta, self.runner.cache)
         counter = getattr(self.backend, "counter", None)
         if counter is not None:  # keep totals, not every message: the server runs for weeks
             sent, received = counter.total()
@@ -91,16 +125,6 @@ class ShardWorker:
 
     def read_positions(self, slots: list[int]) -> dict[int, int]:
         return self.runner.read_positions(slots)
-
-    def _positions_by_rank(self, chunk) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every rank's query positions and KV positions of one chunk's request."""
-        bs, per_shard = self.layout.block_size, self.layout.blocks_per_shard
-        blocks = torch.tensor(chunk.block_table, dtype=torch.int64)
-        q_pos = torch.tensor(chunk.positions, dtype=torch.int64)
-        k_pos = torch.arange(chunk.kv_len, dtype=torch.int64)
-        q_rank, k_rank = blocks[q_pos // bs] // per_shard, blocks[k_pos // bs] // per_shard
-        ranks = range(self.world_size)
-        return [q_pos[q_rank == r] for r in ranks], [k_pos[k_rank == r] for r in ranks]
 
     def stats(self) -> dict:
         return {
