@@ -61,6 +61,11 @@ class LM(abc.ABC):
         string (not included in `text`). on_text, when given, receives the text as it is produced
         (the deltas concatenate to `text`)."""
 
+    def token_logprobs_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        """`token_logprobs` of several independent sequences, in order. Default: one after another;
+        engine-backed LMs submit them together so the scheduler batches them."""
+        return [self.token_logprobs(ids) for ids in sequences]
+
     def next_token_logprobs(self, prompt_ids: list[int], candidates: list[int]) -> list[float]:
         """logprob of each candidate token right after prompt_ids. Default: one scoring pass each."""
         return [self.token_logprobs([*prompt_ids, c])[-1] for c in candidates]

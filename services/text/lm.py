@@ -16,6 +16,11 @@ from longbow.services.engine.types import FinishReason, Request, SamplingParams
 from longbow.services.engine.weights import load_tokenizer
 
 
+# Scoring requests submitted together by token_logprobs_many: enough to fill a CPU step (512 tokens) or a
+# GPU step (2048) several times over, few enough that the KV they hold stays small (16 x 512 tokens).
+SCORE_GROUP = 16
+
+
 class _TokenizerMixin:
     tokenizer = None
 
@@ -57,6 +62,14 @@ class EngineLM(_TokenizerMixin, LM):
 
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         return self.engine.score(token_ids)
+
+    def token_logprobs_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        """All sequences in engine.generate calls of SCORE_GROUP: the scheduler batches them."""
+        params, out = SamplingParams(max_tokens=0, prompt_logprobs=True), []
+        for start in range(0, len(sequences), SCORE_GROUP):
+            group = [list(ids) for ids in sequences[start:start + SCORE_GROUP]]
+            out.extend(c.prompt_logprobs or [] for c in self.engine.generate(group, params))
+        return out
 
     def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False, on_text=None):
         emit = on_text or (lambda text: None)
@@ -103,6 +116,20 @@ class AsyncEngineLM(_TokenizerMixin, LM):
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         request = Request(self._request_id(), list(token_ids), SamplingParams(max_tokens=0, prompt_logprobs=True))
         return self._run(self.engine.generate(request)).prompt_logprobs or []
+
+    def token_logprobs_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        """SCORE_GROUP requests in flight at a time, so they share the engine's batches (and other users'
+        requests still get their turn between groups)."""
+        out = []
+        for start in range(0, len(sequences), SCORE_GROUP):
+            out.extend(self._run(self._score_group(sequences[start:start + SCORE_GROUP])))
+        return out
+
+    async def _score_group(self, sequences: list[list[int]]) -> list[list[float]]:
+        params = SamplingParams(max_tokens=0, prompt_logprobs=True)
+        requests = [Request(self._request_id(), list(ids), params) for ids in sequences]
+        done = await asyncio.gather(*(self.engine.generate(r) for r in requests))
+        return [c.prompt_logprobs or [] for c in done]
 
     def generate(self, prompt_ids, *, max_tokens, stop=None, temperature=0.0, return_attention=False, on_text=None):
         request = Request(self._request_id(), list(prompt_ids), _params(max_tokens, temperature, return_attention))
