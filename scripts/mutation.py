@@ -27,6 +27,7 @@ import ast
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,17 +39,18 @@ REPO = Path(__file__).resolve().parent.parent
 COPIED = ["longbow", "services", "rag", "ringattn", "tests", "pyproject.toml", "setup.py"]
 # The module -> its fast unit tests (no real model, no processes): what a mutant must fail.
 MODULES = {
-    "services/engine/scheduler.py": ["tests/engine/test_scheduler.py", "tests/engine/test_scheduler_edges.py"],
+    "services/engine/scheduler.py": ["tests/engine/test_scheduler.py",
+                                     "tests/engine/test_scheduler_edges.py"],
     "services/engine/sampler.py": ["tests/engine/test_sampler.py", "tests/engine/test_sampler_batched.py",
-                                   "-m", "not slow"],
+                                   "tests/engine/test_sampler_reference.py", "-m", "not slow"],
     "ringattn/merge.py": ["tests/ringattn/test_merge.py"],
     "ringattn/decode.py": ["tests/ringattn/test_schedules_emulated.py",
-                           "tests/ringattn/test_causal_default.py", "-k", "decode"],
+                           "tests/ringattn/test_causal_default.py", "-k", "decode or distributed"],
     "ringattn/tokenring.py": ["tests/ringattn/test_schedules_emulated.py",
-                              "tests/ringattn/test_causal_default.py", "-k", "tokenring"],
+                              "tests/ringattn/test_causal_default.py", "-k", "tokenring or distributed"],
     "services/text/edits.py": ["tests/text/test_edits.py"],
     "services/gateway/errors.py": ["tests/gateway/test_errors.py"],
-    # No fast tests exist for the KV cache: these load the real model (minutes per mutant). Run only when named.
+    # No fast tests exist for the KV cache: these load the real model (minutes per mutant); run when named.
     "services/engine/kv_cache.py": ["tests/engine/test_engine.py", "tests/engine/test_model_reference.py"],
 }
 SLOW = {"services/engine/kv_cache.py"}
@@ -196,7 +198,8 @@ class WorkCopy:
         if module_path.startswith("longbow/"):
             dotted = module_path.removesuffix(".py").replace("/", ".")
         where = subprocess.run([sys.executable, "-c", f"import {dotted} as m; print(m.__file__)"],
-                               cwd=self.root, env=self.env, capture_output=True, text=True, check=True).stdout.strip()
+                               cwd=self.root, env=self.env, capture_output=True, text=True, check=True)
+        where = where.stdout.strip()
         assert where.startswith(str(self.root)), f"{dotted} imports from {where}, not the copy {self.root}"
 
     def run_tests(self, tests: list[str], timeout_s: float) -> tuple[str, float]:
@@ -266,6 +269,7 @@ def main() -> None:
             for index, (node, change, _) in enumerate(candidates(ast.parse(original))):
                 print(f"{module}:{node.lineno} #{index} {change}")
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the work copy
     work, results = WorkCopy(), []
     try:
         for module in modules:

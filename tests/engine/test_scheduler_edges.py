@@ -20,7 +20,8 @@ EOS = 2
 
 
 def make(cls=SplitFuseScheduler, num_blocks=64, block_size=4, budget=16, max_seqs=8):
-    return cls(num_blocks=num_blocks, block_size=block_size, token_budget=budget, max_seqs=max_seqs, eos_ids=(EOS,))
+    return cls(num_blocks=num_blocks, block_size=block_size, token_budget=budget, max_seqs=max_seqs,
+               eos_ids=(EOS,))
 
 
 def add(s, rid, n_prompt, max_tokens=4, **kw):

@@ -31,3 +31,19 @@ def test_rank_function_is_causal_by_default(rank_function) -> None:
     built = build(Case("tokenring", 3, True, 3, "zigzag"))
     results = run_emulated(lambda t, s: rank_function(t, s.q, s.k, s.v, s.q_pos, s.k_pos), built.shards, None)
     _assert_causal(built, results)
+
+
+def test_distributed_function_is_causal_by_default(tmp_path) -> None:
+    """The process-group entry points (SCHEDULES[name][0]) too, on a one-rank gloo group in this process:
+    one rank holds the whole sequence, so a non-causal default would differ on every row but the last."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        for schedule, (distributed, _) in sorted(SCHEDULES.items()):
+            built = build(Case(schedule, 1, True, 3, "zigzag"))
+            shard = built.shards[0]
+            _assert_causal(built, [distributed(shard.q, shard.k, shard.v, shard.q_pos, shard.k_pos)])
+    finally:
+        dist.destroy_process_group()
