@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 
 import numpy as np
 
@@ -18,12 +19,15 @@ class Embedder:
 
     dimensions = DIMENSIONS
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64, bulk_threads: int = 1):
-        self.device, self.batch_size, self.bulk_threads = device, batch_size, bulk_threads
+    def __init__(self, device: str = "cpu", batch_size: int = 64, bulk_threads: int | None = None):
+        self.device, self.batch_size = device, batch_size
+        self.bulk_threads = bulk_threads or len(os.sched_getaffinity(0))
         # NOTE: every call runs on this one worker thread, with its own OpenMP thread count (per calling
-        # thread in torch, so the engine's threads are untouched). On this 2-core machine under load (load
-        # average 7), one query took 200-1100 ms with 2 OpenMP threads and 30-40 ms with 1; 256 chunks took
-        # 14-19 s with 2 and 6-7 s with 1. Hence 1 by default; raise bulk_threads on an idle many-core host.
+        # thread in torch, so the engine's threads are untouched). Queries (<= SMALL_BATCH texts) use one
+        # thread: on this 2-core machine under load (load average 7) one query took 200-1100 ms with 2
+        # OpenMP threads and 30-40 ms with 1. Bulk batches (ingest) use every core this process may run
+        # on (issue 17); on a machine shared with other work, pass bulk_threads=1 (measured under load
+        # average 7: 256 chunks 14-19 s with 2 threads, 6-7 s with 1).
         # One thread also serialises the tokenizer, which is not safe to share between threads.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
 

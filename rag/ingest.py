@@ -1,19 +1,30 @@
 """Ingestion: validate -> skip unchanged (content hash) -> chunk -> embed -> store write, with progress.
 
 A document counts as done only after its store write returns (the store's write is atomic and durable),
-so progress never claims more than the store holds. Documents are embedded in small groups for
-throughput but written one by one. `ingest_paths` is the one-call entry point for local files.
+so progress never claims more than the store holds. Documents are embedded in groups for throughput
+(up to embed_group_chunks chunks) but written one by one, and a group is closed once chunking it has
+taken progress_interval_s, so a slow chunker (Meta-Chunking scores every token) still reports progress
+after about every document rather than every 256 chunks. `ingest_paths` is the one-call entry
+point for local files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from longbow.rag.chunking import CHUNKERS, DEFAULT_TARGET_TOKENS, Chunker, make_chunker
+from longbow.rag.chunking import (
+    CHUNKERS,
+    DEFAULT_CHUNKER,
+    DEFAULT_TARGET_TOKENS,
+    Chunker,
+    TokenSpans,
+    make_chunker,
+)
 from longbow.rag.embed import Embedder, shared_embedder
 from longbow.rag.lm import LM
 from longbow.rag.store import Store, StoredDocument, open_store
@@ -74,20 +85,24 @@ def content_hash(document: Document, chunking: str) -> str:
 
 
 class Ingestor:
-    """Writes documents into a store. `lm` is needed only by the perplexity and margin chunkers."""
+    """Writes documents into a store. `lm` is needed by the perplexity and margin chunkers; lengths are
+    the LM's tokens, else `token_spans`' (a model tokenizer without the engine), else whitespace words."""
 
     def __init__(self, store: Store, embedder: Embedder | None = None, lm: LM | None = None,
                  limits: IngestLimits = IngestLimits(), embed_group_chunks: int = 256,
-                 perplexity_theta: float = 0.0):
+                 perplexity_theta: float = 0.0, token_spans: TokenSpans | None = None,
+                 progress_interval_s: float = 1.0):
         self.store, self.embedder, self.lm = store, embedder or shared_embedder(), lm
         self.limits, self.embed_group_chunks, self.theta = limits, embed_group_chunks, perplexity_theta
+        self.token_spans, self.progress_interval_s = token_spans, progress_interval_s
+        self.clock = time.monotonic  # replaceable in tests
 
     def chunker(self, name: str, target_tokens: int) -> Chunker:
         if name not in CHUNKERS:
             raise ValueError(f"unknown chunker {name!r}; choose one of {', '.join(CHUNKERS)}")
-        return make_chunker(name, target_tokens, lm=self.lm, theta=self.theta)
+        return make_chunker(name, target_tokens, lm=self.lm, theta=self.theta, token_spans=self.token_spans)
 
-    def ingest(self, documents: Sequence[Document], chunker: str = "sentence",
+    def ingest(self, documents: Sequence[Document], chunker: str = DEFAULT_CHUNKER,
                target_tokens: int = DEFAULT_TARGET_TOKENS,
                on_progress: Callable[[IngestProgress], None] | None = None) -> IngestProgress:
         """Validate all, then chunk, embed and write each; on_progress after every written document."""
@@ -106,18 +121,20 @@ class Ingestor:
         return progress
 
     def _groups(self, documents, splitter: Chunker, settings: str, progress: IngestProgress, on_progress):
-        """Chunked documents in groups of about embed_group_chunks chunks; unchanged ones are reported
-        immediately and never chunked."""
-        group, size = [], 0
+        """Chunked documents in groups of about embed_group_chunks chunks, or of what was chunked within
+        progress_interval_s; unchanged ones are reported immediately and never chunked."""
+        group, size, started = [], 0, self.clock()
         for document in documents:
             digest = content_hash(document, settings)
             if self.store.document_hash(document.document_id) == digest:
                 self._advance(progress, 0, True, on_progress)
                 continue
+            if not group:
+                started = self.clock()
             chunks = splitter.chunk(document, digest)
             group.append((document, digest, chunks))
             size += len(chunks)
-            if size >= self.embed_group_chunks:
+            if size >= self.embed_group_chunks or self.clock() - started >= self.progress_interval_s:
                 yield group
                 group, size = [], 0
         if group:
@@ -154,14 +171,16 @@ def read_documents(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT
 
 
 def ingest_paths(paths: Iterable[str | Path], *, store_url: str = "", data_dir: str | Path = "",
-                 chunker: str = "sentence", target_tokens: int = DEFAULT_TARGET_TOKENS, lm: LM | None = None,
-                 on_progress: Callable[[IngestProgress], None] | None = None) -> IngestProgress:
+                 chunker: str = DEFAULT_CHUNKER, target_tokens: int = DEFAULT_TARGET_TOKENS,
+                 lm: LM | None = None, on_progress: Callable[[IngestProgress], None] | None = None,
+                 token_spans: TokenSpans | None = None) -> IngestProgress:
     """Ingest local files straight into a store (no gateway): Redis at store_url or the embedded store
-    under data_dir. Empty files are skipped (they have nothing to retrieve)."""
+    under data_dir. Empty files are skipped (they have nothing to retrieve). Lengths as in `Ingestor`."""
     documents = [d for d in read_documents(paths) if d.text.strip()]
     store = open_store(store_url, data_dir)
     try:
-        return Ingestor(store, lm=lm).ingest(documents, chunker, target_tokens, on_progress)
+        return Ingestor(store, lm=lm, token_spans=token_spans).ingest(documents, chunker, target_tokens,
+                                                                      on_progress)
     finally:
         store.close()
 

@@ -145,3 +145,17 @@ class AsyncEngineLM(_TokenizerMixin, LM):
                     on_text(delta.text)  # NOTE: runs on the event loop thread; keep it cheap (a queue put)
         reason = completion.finish_reason.value if completion.finish_reason else ""
         return _to_generation(completion, "".join(parts), reason)
+
+
+def load_token_spans(config: LongbowConfig | None = None):
+    """`TokenSpans` of the configured model's tokenizer, loaded without building an engine (no weights,
+    no KV cache): how the CLI and scripts measure chunk length in model tokens for every chunker."""
+    from tokenizers import Tokenizer
+
+    from longbow.services.engine.weights import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint((config or load_config()).model.name_or_path)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tokenizer.no_truncation()
+    # add_special_tokens=False: the same spans as LM.tokenize_with_offsets, without BOS/EOS.
+    return lambda text: [tuple(span) for span in tokenizer.encode(text, add_special_tokens=False).offsets]

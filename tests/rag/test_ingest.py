@@ -97,3 +97,64 @@ def test_meta_chunking_on_the_real_model(store, engine_lm):
         assert report.chunks_written == len(chunks) >= 2
         assert "".join(c.text for c in chunks) == text and all(c.text for c in chunks)
         assert all(text[c.char_start:c.char_end] == c.text for c in chunks)
+
+
+def test_one_default_chunker_everywhere():
+    import inspect
+
+    from longbow.rag.chunking import DEFAULT_CHUNKER
+    from longbow.services.config import RagConfig
+
+    assert inspect.signature(Ingestor.ingest).parameters["chunker"].default == DEFAULT_CHUNKER
+    assert inspect.signature(ingest_paths).parameters["chunker"].default == DEFAULT_CHUNKER
+    assert RagConfig().default_chunker == DEFAULT_CHUNKER == "perplexity"
+
+
+def test_a_slow_chunker_reports_progress_after_every_document(store):
+    """With groups of up to 256 chunks, three small documents would all be chunked before the first is
+    written and reported; a chunker slower than progress_interval_s closes the group after each one."""
+    clock = iter(range(0, 1000, 5))  # every reading 5 s later: each document's chunking "takes" 5 s
+    reports, reported_before_chunking = [], []
+
+    class Spy(Ingestor):
+        def chunker(self, name, target_tokens):
+            inner = super().chunker(name, target_tokens)
+            original = inner.chunk
+            inner.chunk = lambda *a: reported_before_chunking.append(len(reports)) or original(*a)
+            return inner
+
+    documents = [*DOCS, Document("c", "Cobalt is blue. It is a metal.")]
+    ingestor = Spy(store, progress_interval_s=2.0)
+    ingestor.clock = lambda: next(clock)
+    ingestor.ingest(documents, "sentence", 64, on_progress=reports.append)
+    assert reported_before_chunking == [0, 1, 2] and len(reports) == 3
+
+
+def test_the_default_group_batches_fast_documents_into_one_embedding_call(store):
+    calls = []
+
+    class CountingEmbedder:
+        dimensions = 384
+
+        def embed(self, texts):
+            import numpy as np
+
+            calls.append(len(texts))
+            return np.eye(1, 384, dtype=np.float32).repeat(len(texts), 0)
+
+    Ingestor(store, CountingEmbedder(), progress_interval_s=3600).ingest(DOCS, "sentence", 4)
+    assert calls == [4]  # both documents' chunks in one batch
+
+
+def test_token_spans_without_the_engine_equal_the_lm_spans(tmp_path, engine_lm):
+    """Chunk lengths in model tokens from the tokenizer alone (the CLI's sentence/fixed chunkers)."""
+    from longbow.services.text.lm import load_token_spans
+
+    spans = load_token_spans()
+    text = "Dr. Smith's __len__ costs O(n) — naïve? 42 tokens,\n\n  spaced   out."
+    assert spans(text) == engine_lm.tokenize_with_offsets(text)[1]
+    store = EmbeddedStore(tmp_path / "t")
+    Ingestor(store, token_spans=spans).ingest(DOCS, "fixed", 3)
+    lengths = [len(spans(c.text)) for c in store.document("a").chunks]
+    assert lengths[:-1] == [3] * (len(lengths) - 1) and len(lengths) > 2
+    store.close()
