@@ -6,7 +6,9 @@ is the one-call entry point for embedded use and the gateway."""
 
 from __future__ import annotations
 
+import collections
 import re
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,16 +31,47 @@ def _starts_section(text: str) -> bool:
     return bool(_HEADING.match(text))
 
 
+class QueryVectors:
+    """Query text -> unit vector [384], through `embedder`, remembering the last `size` queries (a user
+    who pages through results or an agent that repeats itself asks the same text again). Thread-safe."""
+
+    def __init__(self, embedder, size: int = 256):
+        self.embedder, self.size = embedder, size
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __call__(self, query: str) -> np.ndarray:
+        with self._lock:
+            if (vector := self._cache.get(query)) is not None:
+                self._cache.move_to_end(query)
+                self.hits += 1
+                return vector
+            self.misses += 1
+        vector = self.embedder.embed([query])[0]
+        vector.setflags(write=False)  # shared by every caller of the same query
+        with self._lock:
+            self._cache[query] = vector
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return vector
+
+
 class HybridRetriever(Retriever):
     """Retriever over a store. Every call first catches up with the store's change log (one round trip),
     so a document acknowledged by any replica is visible to the next query on every replica.
-    mode: "hybrid" (fusion.fuse of both; scores in [0, 1]), "dense" or "bm25" (one ranking; its own score)."""
+    mode: "hybrid" (fusion.fuse of both; scores in [0, 1]), "dense" or "bm25" (one ranking; its own score).
+    query_embedder embeds queries (default: `embedder`); the gateway passes the numpy MiniLM
+    (rag/minilm.py: the same vectors within 1e-5, without torch's per-call overhead). Query vectors are
+    cached (QueryVectors, the last 256 queries)."""
 
     def __init__(self, store: Store, embedder: Embedder | None = None, *, mode: str = "hybrid",
-                 dense_kind: str = "flat", candidates: int = 50, index: LiveIndex | None = None):
+                 dense_kind: str = "flat", candidates: int = 50, index: LiveIndex | None = None,
+                 query_embedder=None, query_cache: int = 256):
         if mode not in MODES:
             raise ValueError(f"unknown retrieval mode {mode!r}: {', '.join(MODES)}")
         self.store, self.embedder = store, embedder or shared_embedder()
+        self.query_vectors = QueryVectors(query_embedder or self.embedder, query_cache)
         self.mode, self.candidates = mode, candidates
         self.index = index or LiveIndex(self.embedder.dimensions, dense_kind)
         if index is None:
@@ -105,7 +138,7 @@ class HybridRetriever(Retriever):
             raise ValueError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}")
         if not query.strip():
             raise ValueError("the query is empty")
-        vector = self.embedder.embed([query])[0] if self.mode != "bm25" else None
+        vector = self.query_vectors(query) if self.mode != "bm25" else None
         self.index.catch_up(self.store)
         with self.index.lock:
             return self._search(query, vector, top_k, filters)

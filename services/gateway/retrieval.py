@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from longbow.v1 import retrieval_pb2 as pb
 from longbow.v1 import retrieval_pb2_grpc
 from longbow.rag.embed import shared_embedder
+from longbow.rag.minilm import shared_numpy_embedder
 from longbow.rag.ingest import IngestLimits, Ingestor, IngestProgress, validate
 from longbow.rag.retrieve import HybridRetriever
 from longbow.rag.store import NotDurableError, open_store
@@ -168,8 +169,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         try:
             # NOTE: the index rebuild runs at start (the design's "rebuilt from the store at start"); it reads
             # stored embeddings only, so the embedding model itself loads on the first ingest or query.
+            # Queries embed with the numpy MiniLM (equal vectors, tests/rag/test_minilm.py): one thread, no
+            # torch dispatch per op; measured in bench/rag.py, latency section.
             retriever = HybridRetriever(store, shared_embedder(), dense_kind=self.config.dense_index,
-                                        candidates=self.config.candidates)
+                                        candidates=self.config.candidates,
+                                        query_embedder=shared_numpy_embedder())
         except BaseException:
             store.close()
             raise

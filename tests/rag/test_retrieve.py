@@ -111,3 +111,40 @@ def test_parent_expansion_stays_within_the_section(tmp_path):
     spans = sorted((h.chunk.char_start, h.chunk.char_end) for h in passages)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no passage cited twice
     store.close()
+
+
+def test_query_vectors_are_cached_least_recently_used_first():
+    import numpy as np
+
+    from longbow.rag.retrieve import QueryVectors
+
+    asked = []
+
+    class Recording:
+        def embed(self, texts):
+            asked.extend(texts)
+            return np.full((len(texts), 384), float(len(asked)), np.float32)
+
+    vectors = QueryVectors(Recording(), size=2)
+    first = vectors("a")
+    assert vectors("a") is first and asked == ["a"]  # a hit does not embed again
+    vectors("b")
+    vectors("a")  # a is now the most recent
+    vectors("c")  # evicts b, the least recently used
+    vectors("a")
+    vectors("b")
+    assert asked == ["a", "b", "c", "b"] and (vectors.hits, vectors.misses) == (3, 4)
+    with pytest.raises(ValueError):
+        first[0] = 1.0  # cached vectors are shared: read-only
+
+
+def test_numpy_query_embedder_ranks_like_the_torch_one(store):
+    """The gateway's query path (numpy MiniLM, rag/minilm.py) returns the same ranking and scores as
+    sentence-transformers within 1e-5 (the vectors agree within 1e-5 per component)."""
+    from longbow.rag.minilm import NumpyEmbedder
+
+    torch_path, numpy_path = HybridRetriever(store), HybridRetriever(store, query_embedder=NumpyEmbedder())
+    for query in ("How often must I change my password?", "soup", "XQ-7731 flux", "laptop dead"):
+        a, b = torch_path.retrieve(query, 4), numpy_path.retrieve(query, 4)
+        assert [h.chunk.chunk_id for h in a] == [h.chunk.chunk_id for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
