@@ -142,3 +142,32 @@ def test_kernel_failure_falls_back_to_the_exact_path(monkeypatch) -> None:
     out, lse = block_attention(q, k, v, pos, pos)
     assert (out - sdpa_reference(q, k, v, pos, pos)).abs().max() <= 1e-5
     assert local._broken_kernels == {("cpu", torch.float32, 32)}
+
+
+@pytest.mark.parametrize("dense_scores", [0, 1 << 30])  # one kernel call per sequence / one dense call
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_equals_each_sequence_alone(monkeypatch, dense_scores: int, causal: bool) -> None:
+    """A packed block (rows and keys of several sequences, uneven, one without keys here, one sequence's
+    rows in two runs) equals attention of each sequence alone; both local paths."""
+    monkeypatch.setattr(local, "PACKED_DENSE_SCORES", dense_scores)
+    gen = torch.Generator().manual_seed(7)
+    q_seq = torch.tensor([0] * 5 + [1] + [2] * 3 + [3] * 2 + [0] * 2)  # sequence 3 has no keys here
+    q_pos = torch.tensor([4, 5, 6, 7, 8, 20, 0, 1, 2, 9, 10, 11, 12])
+    k_seq = torch.tensor([0] * 13 + [1] * 21 + [2] * 3)
+    k_pos = torch.cat([torch.arange(13), torch.arange(21), torch.arange(3)])
+    q, k, v = torch.randn(13, 6, 16, generator=gen), torch.randn(37, 2, 16, generator=gen), torch.randn(37, 2, 16, generator=gen)
+    out, lse = local.packed_attention(q, k, v, q_pos, k_pos, q_seq, k_seq, causal=causal)
+    for seq in range(4):
+        rows, keys = q_seq == seq, k_seq == seq
+        if not keys.any():
+            assert torch.equal(out[rows], torch.zeros_like(out[rows])) and torch.isneginf(lse[rows]).all()
+            continue
+        expected = sdpa_reference(q[rows], k[keys], v[keys], q_pos[rows], k_pos[keys], causal=causal)
+        expected_lse = reference_lse(q[rows], k[keys], q_pos[rows], k_pos[keys], causal=causal)
+        assert (out[rows] - expected).abs().max() <= 1e-5
+        assert (lse[rows] - expected_lse).abs().max() <= 1e-5
+
+
+def test_token_keys_round_trip() -> None:
+    positions, seq = torch.tensor([0, 5, -3, 2**31 - 1, -(2**31)]), torch.tensor([0, 1, 7, 2**31 - 1, 3])
+    assert all(torch.equal(a, b) for a, b in zip(local.split_token_keys(local.token_keys(positions, seq)), (positions, seq)))
