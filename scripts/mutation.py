@@ -190,7 +190,7 @@ class WorkCopy:
             "            _module.MAPPING[_key] = _path.replace(_old, _new, 1)\n"
             "        for _key, _paths in list(_module.NAMESPACES.items()):\n"
             "            _module.NAMESPACES[_key] = [p.replace(_old, _new, 1) for p in _paths]\n")
-        self.env = {**os.environ, "PYTHONPATH": str(site), "LONGBOW_MUTATION_FROM": str(REPO),
+        self.env = {**os.environ, "PYTHONPATH": str(site), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "LONGBOW_MUTATION_FROM": str(REPO),
                     "LONGBOW_MUTATION_TO": str(self.root), "PYTHONDONTWRITEBYTECODE": "1"}
 
     def check_imports_resolve_here(self, module_path: str) -> None:
@@ -203,8 +203,10 @@ class WorkCopy:
         assert where.startswith(str(self.root)), f"{dotted} imports from {where}, not the copy {self.root}"
 
     def run_tests(self, tests: list[str], timeout_s: float) -> tuple[str, float]:
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                   "--timeout", str(int(timeout_s) + 5), *tests]
+        # NOTE: plugin autoload off, the plugins these tests use named: the installed ones (langsmith,
+        # codspeed, benchmark, ...) cost ~20 s of start-up per run on a busy machine, the tests ~2 s.
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "pytest_timeout",
+                   "-p", "_hypothesis_pytestplugin", "--timeout", str(int(timeout_s) + 5), *tests]
         started = time.monotonic()
         try:
             done = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True,
