@@ -31,6 +31,7 @@ from longbow.rag.eval.metrics import (answer_contains, exact_match, paired_boots
                                      wilson_interval)
 from longbow.rag.eval.synthetic import Corpus, Question, make_corpus
 from longbow.rag.flows import FlowResult, build_flow, execute_flow
+from longbow.rag.modules.reader import ANSWER_CUE
 from longbow.rag.types import Chunk, Document, Hit, Retriever
 
 DEFAULT_FLOWS = "none,single,fixed_interval,flare,dragin"
@@ -164,6 +165,7 @@ def summarise(outcomes: list[Outcome], flow: str, hops: int) -> dict:
     exact = sum(o.exact for o in rows)
     low, high = wilson_interval(exact, len(rows))
     seconds = [o.seconds for o in rows]
+    with_gold = [o.exact for o in rows if o.gold_in_context]
     return {"flow": flow, "hops": hops, "questions": len(rows), "exact_match": exact / len(rows),
             "exact_count": int(exact), "exact_match_ci95": [low, high],
             "f1": statistics.fmean(o.f1 for o in rows),
@@ -173,7 +175,13 @@ def summarise(outcomes: list[Outcome], flow: str, hops: int) -> dict:
             "retrievals_per_question": statistics.fmean(o.retrievals for o in rows),
             "lm_calls_per_question": statistics.fmean(o.lm_calls for o in rows),
             "generated_tokens_per_question": statistics.fmean(o.generated_tokens for o in rows),
-            "latency_mean_s": statistics.fmean(seconds), "latency_p50_s": statistics.median(seconds)}
+            "latency_mean_s": statistics.fmean(seconds), "latency_p50_s": statistics.median(seconds),
+            # how the reader fails: did it write the cue; did it name an entity of the few-shot examples
+            # (their names all hold a "q", which no corpus name does); EM when both gold documents were in
+            # the prompt (the reader alone, retrieval having succeeded)
+            "cue": statistics.fmean(float(ANSWER_CUE.lower() in o.answer.lower()) for o in rows),
+            "exemplar_copy": statistics.fmean(float("q" in o.short_answer.lower()) for o in rows),
+            "exact_given_gold_in_context": [sum(with_gold), len(with_gold)]}
 
 
 def paired(outcomes: list[Outcome], better: str, baseline: str, hops: int, metric: str) -> dict:
@@ -193,7 +201,7 @@ def paired(outcomes: list[Outcome], better: str, baseline: str, hops: int, metri
 
 def print_table(summaries: list[dict]) -> None:
     header = (f"{'flow':15s} {'hops':>4s} {'n':>3s} {'EM':>6s} {'EM 95% CI':>13s} {'F1':>6s} "
-              f"{'contains':>8s} "
+              f"{'contains':>8s} {'cue':>5s} {'ex.copy':>7s} {'EM|gold':>7s} "
               f"{'gold ctx':>8s} {'gold ret':>8s} {'retr/q':>6s} {'LM/q':>5s} {'lat s':>6s}")
     print(header)
     print("-" * len(header))
@@ -201,7 +209,9 @@ def print_table(summaries: list[dict]) -> None:
         ci = f"[{s['exact_match_ci95'][0]:.2f},{s['exact_match_ci95'][1]:.2f}]"
         print(f"{s['flow']:15s} {s['hops']:4d} {s['questions']:3d} {s['exact_match']:6.3f} {ci:>13s} "
               f"{s['f1']:6.3f} "
-              f"{s['contains']:8.3f} {s['gold_in_context']:8.3f} {s['gold_retrieved']:8.3f} "
+              f"{s['contains']:8.3f} {s['cue']:5.2f} {s['exemplar_copy']:7.2f} "
+              f"{'%d/%d' % tuple(s['exact_given_gold_in_context']):>7s} "
+              f"{s['gold_in_context']:8.3f} {s['gold_retrieved']:8.3f} "
               f"{s['retrievals_per_question']:6.2f} {s['lm_calls_per_question']:5.2f} "
               f"{s['latency_mean_s']:6.2f}")
 
@@ -214,8 +224,8 @@ def parse_args(argv=None):
     parser.add_argument("--two-hop", type=int, default=12)
     parser.add_argument("--single-hop", type=int, default=4)
     parser.add_argument("--prompt", choices=["reader", "phrase"], default="reader",
-                        help="reader: few-shot turns ending in 'So the answer is ...' (EM/F1 on the extracted "
-                             "answer); phrase: one 'Answer with a short phrase.' instruction")
+                        help="reader: few-shot turns ending in 'So the answer is ...' (EM/F1 on the "
+                             "extracted answer); phrase: one 'Answer with a short phrase.' instruction")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--flows", default=DEFAULT_FLOWS)
     parser.add_argument("--retriever", choices=["hybrid", "bm25"], default="hybrid")
@@ -229,11 +239,35 @@ def parse_args(argv=None):
                         help="DRAGIN's QFS attention: the trigger token's (paper) or the trigger's and "
                              "later tokens'")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rag_qa.json"))
+    parser.add_argument("--summarise", metavar="REPORT",
+                        help="only re-summarise the outcomes of an earlier report (rewritten in place)")
     return parser.parse_args(argv)
+
+
+def resummarise(path: str) -> dict:
+    """Recompute the summaries and comparisons of a written report from its outcomes (no model run)."""
+    report = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**{**report["args"], "out": path})
+    outcomes = [Outcome(**o) for o in report["outcomes"]]
+    flows = list(dict.fromkeys(o.flow for o in outcomes))
+    written = write_report(args, flows, report["retriever"], outcomes, 0.0, report["complete"])
+    written["wall_seconds"] = report["wall_seconds"]
+    Path(path).write_text(json.dumps(written, indent=1))
+    return written
+
+
+def print_report(report: dict) -> None:
+    print_table(report["summaries"])
+    for c in report["dragin_vs_single"]:
+        print(f"dragin vs single, {c['hops']}-hop {c['metric']:15s}: {c['wins']} wins, {c['losses']} losses, "
+              f"{c['ties']} ties, sign test p={c['sign_p']:.3f}, paired bootstrap p={c['bootstrap_p']:.3f}")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.summarise:
+        print_report(resummarise(args.summarise))
+        return
     flows = args.flows.split(",")
     for name in flows:
         build_flow(name)  # fail fast on a typo
@@ -255,10 +289,7 @@ def main(argv=None) -> None:
                            lambda done: write_report(args, flows, retriever_name, done, started,
                                                      complete=False))
     report = write_report(args, flows, retriever_name, outcomes, started, complete=True)
-    print_table(report["summaries"])
-    for c in report["dragin_vs_single"]:
-        print(f"dragin vs single, {c['hops']}-hop {c['metric']:15s}: {c['wins']} wins, {c['losses']} losses, "
-              f"{c['ties']} ties, sign test p={c['sign_p']:.3f}, paired bootstrap p={c['bootstrap_p']:.3f}")
+    print_report(report)
     log(f"wrote {args.out} ({report['wall_seconds']:.0f} s)")
 
 

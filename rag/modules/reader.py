@@ -31,9 +31,11 @@ class Example:
 # prefix cache on CPU), with names no NameMaker seed produces (each holds a "q", a letter it never uses).
 EXAMPLES = (
     Example(("Qexlo Forge is a glassware company. Qexlo Forge was founded in 1931 by Ammi Taqex.",
-             "Ammi Taqex is a poet known for a cycle of winter songs. Ammi Taqex was born in Dorquex in 1899."),
+             "Ammi Taqex is a poet known for a cycle of winter songs. "
+             "Ammi Taqex was born in Dorquex in 1899."),
             "In which city was the founder of Qexlo Forge born?",
-            "Qexlo Forge was founded by Ammi Taqex. Ammi Taqex was born in Dorquex. So the answer is Dorquex."),
+            "Qexlo Forge was founded by Ammi Taqex. Ammi Taqex was born in Dorquex. "
+            "So the answer is Dorquex."),
     Example(("Quxa Wend is a city in the region of Velquax. The river Taxq flows through Quxa Wend.",),
             "Which river flows through Quxa Wend?",
             "The river Taxq flows through Quxa Wend. So the answer is Taxq."),

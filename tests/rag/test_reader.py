@@ -106,7 +106,8 @@ def test_the_real_model_follows_the_reader_format_in_single_and_dragin_flows(eng
     corpus = make_corpus(0, num_documents=12)
     retriever = KeywordRetriever(corpus.documents)
     single_hop = next(q for q in corpus.questions if q.hops == 1)
-    result = run_flow("single", single_hop.text, retriever, engine_lm, top_k=2, max_tokens=48, prompt="reader")
+    result = run_flow("single", single_hop.text, retriever, engine_lm, top_k=2, max_tokens=48,
+                      prompt="reader")
     assert ANSWER_CUE.lower() in result.answer.lower()
     assert result.short_answer == extract_answer(result.answer) and 1 <= len(result.short_answer.split()) <= 3
     two_hop = next(q for q in corpus.questions if q.hops == 2)
