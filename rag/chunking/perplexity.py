@@ -57,7 +57,8 @@ def scoring_windows(length: int, window: int = WINDOW, stride: int = STRIDE) -> 
     return spans
 
 
-def scored_logprobs(lm: LM, token_ids: list[int], window: int = WINDOW, stride: int | None = None) -> list[float]:
+def scored_logprobs(lm: LM, token_ids: list[int], window: int = WINDOW,
+                    stride: int | None = None) -> list[float]:
     """logprob of every token i >= 1 given the tokens before it, within `scoring_windows`: exact (all
     preceding tokens) for i < window, else the last >= window - stride tokens (the strided-perplexity
     approximation; Meta-Chunking compares neighbouring sentences, which needs local context only)."""
@@ -71,8 +72,8 @@ def scored_logprobs(lm: LM, token_ids: list[int], window: int = WINDOW, stride: 
     return scored
 
 
-def sentence_nll(lm: LM, token_ids: list[int], offsets: list[tuple[int, int]], sentences: list[tuple[int, int]],
-                 window: int | None = None) -> list[float]:
+def sentence_nll(lm: LM, token_ids: list[int], offsets: list[tuple[int, int]],
+                 sentences: list[tuple[int, int]], window: int | None = None) -> list[float]:
     """Mean NLL (nats per token) of each sentence's tokens given the preceding text; NaN when none scored.
     token_ids/offsets: `lm.tokenize_with_offsets` of the text the sentence spans index."""
     return sentence_means(scored_logprobs(lm, token_ids, max(8, window or WINDOW)), offsets, sentences)
