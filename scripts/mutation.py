@@ -219,7 +219,8 @@ class WorkCopy:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def run_module(work: WorkCopy, module_path: str, tests: list[str], limit: int | None) -> dict:
+def run_module(work: WorkCopy, module_path: str, tests: list[str], limit: int | None,
+               only: list[int] | None = None) -> dict:
     target = work.root / module_path
     original = (REPO / module_path).read_text()
     lines = original.splitlines()
@@ -230,6 +231,7 @@ def run_module(work: WorkCopy, module_path: str, tests: list[str], limit: int | 
     timeout_s = 3 * clean_s + 10
     count = len(candidates(ast.parse(original)))
     chosen = range(count) if limit is None else range(min(count, limit))
+    chosen = chosen if only is None else [i for i in only if i < count]
     print(f"{module_path}: {count} mutants, clean run {clean_s:.1f} s, limit {timeout_s:.0f} s each",
           flush=True)
     mutants, unchanged = [], ast.unparse(ast.parse(original))
@@ -258,6 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(set(MODULES) - SLOW)}")
     parser.add_argument("--limit", type=int, help="run only the first N mutants of each module")
+    parser.add_argument("--only", help="run only these mutant numbers (comma-separated, as --list shows them)")
     parser.add_argument("--json", default="mutation.json", help="where to write the results")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = parser.parse_args()
@@ -275,7 +278,8 @@ def main() -> None:
     work, results = WorkCopy(), []
     try:
         for module in modules:
-            results.append(run_module(work, module, MODULES[module], args.limit))
+            only = [int(i) for i in args.only.split(",")] if args.only else None
+            results.append(run_module(work, module, MODULES[module], args.limit, only))
             Path(args.json).write_text(json.dumps(results, indent=1))
     finally:
         work.remove()

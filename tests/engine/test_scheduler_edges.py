@@ -120,6 +120,18 @@ def test_refused_when_kv_held_outside_is_kept():
     assert s.take_refused() == []
 
 
+def test_on_shards_the_reclaimer_is_asked_for_at_least_one_block():
+    """Two shards of 2 blocks; sessions hold all of shard 0. A 2-block request needs one block on each shard:
+    as many blocks are free as it needs, yet it does not fit, so the reclaimer is asked for one, not zero."""
+    s = SplitFuseScheduler(num_blocks=2, block_size=4, token_budget=16, max_seqs=4, eos_ids=(EOS,), num_shards=2)
+    assert [s.pool.allocate_on_shard(0) for _ in range(2)] == [0, 1]
+    asked = []
+    s.kv_reclaimer = lambda wanted: asked.append(wanted) or 0
+    add(s, "a", 8)
+    assert s.schedule().chunks == [] and asked == [1, 1]  # at admission, then beside running requests
+    assert [e.id for e in s.take_refused()] == ["a"]
+
+
 # ---- step results -------------------------------------------------------------------------------------
 def test_a_failed_request_ends_alone_and_frees_its_kv():
     s = make()
@@ -168,26 +180,28 @@ def test_preempted_request_leaves_running_and_goes_first_in_the_queue():
 
 
 # ---- exact budgets ---------------------------------------------------------------------------------
-def test_splitfuse_uses_the_last_token_of_the_budget():
-    s = make(budget=2)
+def test_splitfuse_uses_the_last_token_of_the_budget_for_decodes():
+    s = make(budget=2, block_size=2)
     add(s, "a", 1, max_tokens=5)
     add(s, "b", 1, max_tokens=5)
-    step(s)  # both one-token prompts
-    plan, _ = step(s)
-    assert layout(plan) == [("a", 1), ("b", 1)]  # two decodes fill a budget of 2
+    step(s)  # both one-token prompts (position 0)
+    for _ in range(2):  # positions 1, then 2: the second decode needs a new block for each request
+        plan, _ = step(s)
+        assert layout(plan) == [("a", 1), ("b", 1)]  # two decodes fill a budget of 2
+    assert [len(s.sequences[r].blocks) for r in "ab"] == [2, 2]
     s2 = make(budget=1)
     add(s2, "x", 3)
     assert layout(s2.schedule()) == [("x", 1)]  # a budget of one still admits a prompt
 
 
 def test_splitfuse_prompt_remainder_takes_the_last_budget_token():
-    s = make(budget=3)
+    s = make(budget=2)
     add(s, "a", 1, max_tokens=5)
-    add(s, "b", 4)
+    add(s, "b", 3)
     plan, _ = step(s)
-    assert layout(plan) == [("a", 1), ("b", 2)]  # b's prompt split: 2 of 4
+    assert layout(plan) == [("a", 1), ("b", 1)]  # b's prompt split: 1 of 3
     plan, _ = step(s)
-    assert layout(plan) == [("a", 1), ("b", 2)]  # a's decode, then b's remainder uses the last 2 tokens
+    assert layout(plan) == [("a", 1), ("b", 1)]  # a's decode, then 1 more token of b's remainder
 
 
 @pytest.mark.parametrize("prompts, expected", [
