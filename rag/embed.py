@@ -21,7 +21,8 @@ class Embedder:
 
     def __init__(self, device: str = "cpu", batch_size: int = 64, bulk_threads: int | None = None):
         self.device, self.batch_size = device, batch_size
-        self.bulk_threads = bulk_threads or len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.bulk_threads = bulk_threads or cores  # sched_getaffinity: Linux only
         # NOTE: every call runs on this one worker thread, with its own OpenMP thread count (per calling
         # thread in torch, so the engine's threads are untouched). Queries (<= SMALL_BATCH texts) use one
         # thread: on this 2-core machine under load (load average 7) one query took 200-1100 ms with 2
