@@ -190,7 +190,8 @@ class WorkCopy:
             "            _module.MAPPING[_key] = _path.replace(_old, _new, 1)\n"
             "        for _key, _paths in list(_module.NAMESPACES.items()):\n"
             "            _module.NAMESPACES[_key] = [p.replace(_old, _new, 1) for p in _paths]\n")
-        self.env = {**os.environ, "PYTHONPATH": str(site), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "LONGBOW_MUTATION_FROM": str(REPO),
+        self.env = {**os.environ, "PYTHONPATH": str(site), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+                    "LONGBOW_MUTATION_FROM": str(REPO),
                     "LONGBOW_MUTATION_TO": str(self.root), "PYTHONDONTWRITEBYTECODE": "1"}
 
     def check_imports_resolve_here(self, module_path: str) -> None:
@@ -205,8 +206,8 @@ class WorkCopy:
     def run_tests(self, tests: list[str], timeout_s: float) -> tuple[str, float]:
         # NOTE: plugin autoload off, the plugins these tests use named: the installed ones (langsmith,
         # codspeed, benchmark, ...) cost ~20 s of start-up per run on a busy machine, the tests ~2 s.
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "pytest_timeout",
-                   "-p", "_hypothesis_pytestplugin", "--timeout", str(int(timeout_s) + 5), *tests]
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                   "-p", "pytest_timeout", "-p", "_hypothesis_pytestplugin", "--timeout", str(int(timeout_s) + 5), *tests]
         started = time.monotonic()
         try:
             done = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True,
@@ -260,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(set(MODULES) - SLOW)}")
     parser.add_argument("--limit", type=int, help="run only the first N mutants of each module")
-    parser.add_argument("--only", help="run only these mutant numbers (comma-separated, as --list shows them)")
+    parser.add_argument("--only", help="only these mutant numbers (comma-separated, as --list shows them)")
     parser.add_argument("--json", default="mutation.json", help="where to write the results")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = parser.parse_args()

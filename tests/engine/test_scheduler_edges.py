@@ -123,7 +123,8 @@ def test_refused_when_kv_held_outside_is_kept():
 def test_on_shards_the_reclaimer_is_asked_for_at_least_one_block():
     """Two shards of 2 blocks; sessions hold all of shard 0. A 2-block request needs one block on each shard:
     as many blocks are free as it needs, yet it does not fit, so the reclaimer is asked for one, not zero."""
-    s = SplitFuseScheduler(num_blocks=2, block_size=4, token_budget=16, max_seqs=4, eos_ids=(EOS,), num_shards=2)
+    s = SplitFuseScheduler(num_blocks=2, block_size=4, token_budget=16, max_seqs=4, eos_ids=(EOS,),
+                           num_shards=2)
     assert [s.pool.allocate_on_shard(0) for _ in range(2)] == [0, 1]
     asked = []
     s.kv_reclaimer = lambda wanted: asked.append(wanted) or 0
