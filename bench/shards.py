@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 
-from bench.engine import (  (the same workload and metrics as the engine benchmark)
+from bench.engine import (  # the same workload and metrics as the engine benchmark
     WorkItem,
     check_exact_lengths,
     load_corpus,
@@ -158,22 +158,24 @@ def decode_step_times(engines: dict[str, LLMEngine], prompt: list[int], steps: i
 
 def time_forward(engine: LLMEngine) -> list[float]:
     """Times the in-process runner's forward passes until untime_forward (an actor times its own)."""
+    # NOTE: the in-process Worker runs a step through `runner.run` (forward pass to logits; sampling
+    # follows outside it), the part an actor's `step_seconds` also covers, minus the actor's sampling.
     runner, durations = engine.executor.runner, []
-    forward = runner.forward
+    run = runner.run
 
     def timed(plan):
         started = time.perf_counter()
         try:
-            return forward(plan)
+            return run(plan)
         finally:
             durations.append(time.perf_counter() - started)
 
-    runner.forward = timed
+    runner.run = timed
     return durations
 
 
 def untime_forward(engine: LLMEngine) -> None:
-    del engine.executor.runner.forward  # the instance attribute time_forward set: the class's method again
+    del engine.executor.runner.run  # the instance attribute time_forward set: the class's method again
 
 
 def forward_mean_s(durations: list[float] | None, deltas: list[dict] | None) -> float:
@@ -340,6 +342,32 @@ def check_target(workload: list[dict]) -> dict:
             "met": worst >= TARGET_RATIO, "noise_floor": {r["clients"]: r["throughput_x"] for r in again}}
 
 
+def sharding_cost(workload: list[dict]) -> list[dict]:
+    """Per client count: Ray N = 2 against Ray N = 1 on the same cores, throughput and per-token time
+    (TPOT p50). Each Ray run is also against its own in-process partner (thr x), so the row gives both
+    the direct ratio and the load-corrected one (N=2's thr x / N=1's thr x)."""
+    rows = []
+    by_key = {(r["system"], r["clients"]): r for r in workload}
+    for clients in sorted({r["clients"] for r in workload}):
+        one, two = by_key.get(("ray N=1", clients)), by_key.get(("ray N=2", clients))
+        if one is None or two is None:
+            continue
+        rows.append({"clients": clients, "n1_tok_s": one["throughput_tok_s"], "n2_tok_s": two["throughput_tok_s"],
+                     "n2_over_n1": two["throughput_tok_s"] / one["throughput_tok_s"],
+                     "n2_over_n1_load_corrected": two["throughput_x"] / one["throughput_x"],
+                     "n1_tpot_ms": one["tpot_p50_s"] * 1e3, "n2_tpot_ms": two["tpot_p50_s"] * 1e3,
+                     "n1_step_ms": one["step_mean_s"] * 1e3, "n2_step_ms": two["step_mean_s"] * 1e3})
+    return rows
+
+
+SHARDING_COLUMNS = [
+    ("clients", "clients", "{}"), ("N=1 tok/s", "n1_tok_s", "{:.2f}"), ("N=2 tok/s", "n2_tok_s", "{:.2f}"),
+    ("N=2/N=1", "n2_over_n1", "{:.2f}"), ("N=2/N=1 vs in-process", "n2_over_n1_load_corrected", "{:.2f}"),
+    ("N=1 TPOT ms", "n1_tpot_ms", "{:.0f}"), ("N=2 TPOT ms", "n2_tpot_ms", "{:.0f}"),
+    ("N=1 step ms", "n1_step_ms", "{:.0f}"), ("N=2 step ms", "n2_step_ms", "{:.0f}"),
+]
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     def cell(row: dict, key: str, fmt: str) -> str:
         value = row.get(key)
@@ -414,6 +442,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--long-prompt-tokens", type=int, help="the long prompt (default 2000; quick: 1000)")
     p.add_argument("--long-output-tokens", type=int, default=4, help="tokens generated after the long prompt")
     p.add_argument("--max-shards", type=int, help="long prompt for N = 1 .. this (default 3; quick: 2)")
+    p.add_argument("--no-long", action="store_true", help="skip part 3 (the long prompt)")
     p.add_argument("--probe-steps", type=int, help="timed one-token decode steps (default 40; quick: 15)")
     p.add_argument("--spread", type=float, default=0.3, help="std of lengths as a fraction of the mean")
     p.add_argument("--token-budget", type=int, default=512, help="tokens per forward pass")
@@ -462,18 +491,22 @@ def main(argv: list[str] | None = None) -> None:
             if row["system"] in IN_PROCESS_NAMES:
                 add_ratios(row, first[row["clients"]])  # the second pair's in-process rows: the noise floor
         in_process.shutdown()
-        long_rows = run_long_prompts(loaded, corpus, args)
+        long_rows = [] if args.no_long else run_long_prompts(loaded, corpus, args)
     finally:
         ray.shutdown()
     for row in long_rows:
         row["prefill_x"] = row["prefill_s"] / long_rows[0]["prefill_s"]
     target = check_target(workload)
+    sharding = sharding_cost(workload)
     print(format_table([for_display(r) for r in workload], WORKLOAD_COLUMNS))
     print()
     print(format_table([for_display(r) for r in dispatch], DISPATCH_COLUMNS))
     print()
-    print(format_table([for_display(r) for r in long_rows], LONG_COLUMNS))
+    print(format_table(sharding, SHARDING_COLUMNS))
     print()
+    if long_rows:
+        print(format_table([for_display(r) for r in long_rows], LONG_COLUMNS))
+        print()
     ratios = ", ".join(f"{v:.2f}x at {c} clients" for c, v in target["ratios"].items())
     noise = ", ".join(f"{v:.2f}x" for v in target["noise_floor"].values())
     print(f"{'MET ' if target['met'] else 'MISS'}  {target['target']}: {ratios} "
@@ -482,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {**machine, "load_average_end": os.getloadavg()}, "wall_s": time.perf_counter() - started,
         "workload": workload, "dispatch": dispatch, "long_prompt": long_rows, "target": target,
+        "sharding": sharding,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
