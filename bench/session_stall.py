@@ -36,6 +36,7 @@ from longbow.services.engine.weights import load_model, load_tokenizer
 from longbow.services.text.sessions import SessionManager
 
 ROOT = Path(__file__).resolve().parent.parent
+STREAM_REQUEST_TOKENS = 128  # tokens per request of the measured stream (see stream_tokens)
 
 
 def log(message: str) -> None:
@@ -67,18 +68,21 @@ def document_text(tokenizer, tokens: int) -> str:
 
 
 async def stream_tokens(engine: AsyncLLMEngine, prompt: list[int], arrivals: list[float], stop: asyncio.Event,
-                        limit: int) -> None:
-    """Generate until `stop` is set (or `limit` tokens), recording each token's arrival time."""
-    params = SamplingParams(max_tokens=limit, ignore_eos=True)
-    events = engine.stream(Request(f"stream-{time.monotonic_ns()}", prompt, params))
-    try:
-        async for event in events:
-            if event.token_id is not None:
-                arrivals.append(time.perf_counter())
-            if stop.is_set() or len(arrivals) >= limit:
-                return
-    finally:
-        await events.aclose()
+                        limit: int, per_request: int = STREAM_REQUEST_TOKENS) -> None:
+    """Generate until `stop` is set (or `limit` tokens), recording each token's arrival time. The stream is
+    a chain of requests of `per_request` tokens, the next submitted as soon as one ends: one request would
+    reach the model's context length during a long open (and its own growing context would slow it)."""
+    while not stop.is_set() and len(arrivals) < limit:
+        params = SamplingParams(max_tokens=min(per_request, limit - len(arrivals)), ignore_eos=True)
+        events = engine.stream(Request(f"stream-{time.monotonic_ns()}", prompt, params))
+        try:
+            async for event in events:
+                if event.token_id is not None:
+                    arrivals.append(time.perf_counter())
+                if stop.is_set() or len(arrivals) >= limit:
+                    return
+        finally:
+            await events.aclose()
 
 
 def gaps_between(arrivals: list[float], start: float, end: float) -> list[float]:
@@ -134,7 +138,7 @@ async def main_async(args) -> dict:
     manager = SessionManager(llm, tokenizer, config.sessions)
     text = document_text(tokenizer, args.doc_tokens)
     prompt = tokenizer("Write a long story about a lighthouse keeper who", add_special_tokens=False).input_ids
-    limit = max(64, llm.max_model_len - len(prompt) - args.doc_tokens - 64)
+    limit = 1_000_000  # the stream runs until the open has finished and one more token arrived
     results = {"document_tokens_per_step": llm.document_tokens, "token_budget": llm.scheduler.token_budget}
     try:
         log("warm-up: a short open and a short stream")

@@ -142,9 +142,13 @@ def cmd_ingest(args) -> int:
                                          on_progress=_show_progress)
         else:
             store_url, data_dir = _rag_location(config)
+            from longbow.services.text.lm import load_token_spans
+
             lm = _embedded_lm(config) if chunker in ("perplexity", "margin") else None
+            # Chunk lengths in model tokens for every chunker, as the gateway counts them.
             progress = ingest_paths(args.paths, store_url=store_url, data_dir=data_dir, chunker=chunker,
-                                    target_tokens=target, lm=lm, on_progress=_show_progress)
+                                    target_tokens=target, lm=lm, on_progress=_show_progress,
+                                    token_spans=load_token_spans(config))
     except (ValueError, OSError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
@@ -265,10 +269,17 @@ def cmd_context(args) -> int:
     path = os.path.relpath(os.path.abspath(file), root)
     if args.address:
         from longbow.services.client.sdk import LongbowClient, LongbowError
+        from longbow.services.lsp.workspace_files import import_closure
 
+        # The server reads no disk by default (and may be another machine): the request carries the
+        # file and what it imports, as the editor plugin's detached mode does.
+        files = import_closure(path, lambda rel: _read_under(root, rel))
+        if path not in files:
+            print(f"error: cannot read {file} under {root}", file=sys.stderr)
+            return 2
         try:
             with LongbowClient(args.address, token=args.token or "") as client:
-                context = client.code_context(root, path, line, column, token_budget=args.budget)
+                context = client.code_context("", path, line, column, open_files=files, token_budget=args.budget)
         except LongbowError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -286,6 +297,20 @@ def cmd_context(args) -> int:
     print(f"# expected type: {expected or '(unknown)'} ({tokens} tokens of context)", file=sys.stderr)
     print(packed)
     return 0
+
+
+def _read_under(root: str, relative: str) -> str | None:
+    """A source file's text when it lies inside `root` (symlinks resolved), else None."""
+    from pathlib import Path
+
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base) or not target.is_file():
+        return None
+    try:
+        return target.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _location(location: str) -> tuple[str, int, int]:

@@ -171,3 +171,20 @@ def test_sent_workspace_end_to_end_without_disk(default_client):
     assert found.expected_type.text == "User" and [d.name for d in found.type_definitions] == ["User", "Role", "Address"]
     completion = default_client.complete_hole(root, "app/use.py", line, 12, max_tokens=2, error_rounds=0)
     assert isinstance(completion.fill, str) and completion.context_tokens > 0
+
+
+def test_cli_context_through_a_gateway_that_reads_no_disk(gateway, hole, capsys):
+    """`longbow context --address` sends the hole's file and what it imports (the server reads no disk):
+    the same definitions as the embedded command, which reads the files itself."""
+    from longbow.services.cli import main
+
+    location = f"{hole.root / hole.path}:{hole.line}:{hole.column}"
+    assert main(["context", location, "--root", str(hole.root), "--budget", "200"]) == 0
+    embedded = capsys.readouterr()
+    assert main(["context", location, "--root", str(hole.root), "--budget", "200", "--address", gateway.address]) == 0
+    remote = capsys.readouterr()
+    assert "expected type: User" in remote.err and "class User" in remote.out
+    # The gateway counts the budget with the model's tokenizer, the embedded command with a character
+    # estimate (packing.approximate_tokens), so the two may keep different in-scope lines.
+    assert embedded.out.split("# app/use.py")[0] == remote.out.split("# app/use.py")[0]
+    assert set(remote.out.splitlines()) <= set(embedded.out.splitlines())

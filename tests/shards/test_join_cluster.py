@@ -26,9 +26,7 @@ from longbow.services.replica import build_engine
 pytestmark = pytest.mark.slow
 
 PROMPT = [504, 2365, 6354, 16438, 260, 5214, 690]
-# NOTE: Ray turns token authentication on by itself when ~/.ray/auth_token exists (seen on a shared
-# machine); the cluster and its clients must agree, so the test pins it off for both.
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # as tests/conftest.py pins it for this process
 
 
 def _free_port() -> int:
@@ -91,9 +89,8 @@ def _cluster_cpus_free(address: str) -> float:
 
 
 @pytest.mark.parametrize("kind", ["gcs", "ray_client"])
-def test_serve_joins_a_running_cluster(ray_head, tiny_checkpoint, tiny_model, kind, monkeypatch):
+def test_serve_joins_a_running_cluster(ray_head, tiny_checkpoint, tiny_model, kind):
     gcs_address, client_address = ray_head
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process also connects, to read the resources
     address = gcs_address if kind == "gcs" else client_address
     model = ModelSource(name_or_path=str(tiny_checkpoint), device="cpu", dtype="float32")
     params = SamplingParams(max_tokens=6, min_tokens=6)
