@@ -3,12 +3,15 @@ session opens an N-token document, three ways in one run on the real model:
 
 - alone: the stream with no session (its own gaps: the reference);
 - scheduled: the open as a KV job (engine/jobs.py, how the gateway runs it): its passes ride in the
-  engine's steps beside the stream, `engine.document_tokens` tokens per step;
+  engine's steps beside the stream, `engine.document_tokens` tokens per step, fewer late in the document
+  (`engine.document_key_rows`);
 - blocking: the same open run to its end as one call on the engine thread (how OpenSession ran before
   jobs): the stream gets no token until the open has finished.
 
-The gaps counted are those between tokens that arrive while the open runs (and the first after it).
-Target (issue 16): the scheduled max gap <= 2x the stream's max gap alone.
+The gaps counted are those between tokens of one request that arrive while the open runs (and the first
+after it). Target (issue 16): the scheduled max gap <= 2x the stream's max gap alone. Should the stream's
+request end during the open, the wait of the next one for its first token is shown apart: it may queue
+behind a document-only step, which takes the whole token budget.
 
     python bench/session_stall.py                       # 8,000-token document, CPU, the bundled model
     python bench/session_stall.py --doc-tokens 2000     # quicker
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -36,7 +40,7 @@ from longbow.services.engine.weights import load_model, load_tokenizer
 from longbow.services.text.sessions import SessionManager
 
 ROOT = Path(__file__).resolve().parent.parent
-STREAM_REQUEST_TOKENS = 128  # tokens per request of the measured stream (see stream_tokens)
+STREAM_REQUEST_TOKENS = 4096  # tokens per request of the measured stream (see stream_tokens)
 
 
 def log(message: str) -> None:
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc-tokens", type=int, default=8000, help="tokens of the document the session opens")
     p.add_argument("--document-tokens", type=int, default=0,
                    help="engine.document_tokens (document tokens per step beside requests); 0: engine default")
+    p.add_argument("--document-key-rows", type=int, default=0,
+                   help="engine.document_key_rows (rows x keys seen, per step beside requests); 0: engine default")
     p.add_argument("--alone-tokens", type=int, default=48, help="tokens of the stream measured alone")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "session_stall.json"))
@@ -67,35 +73,39 @@ def document_text(tokenizer, tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-async def stream_tokens(engine: AsyncLLMEngine, prompt: list[int], arrivals: list[float], stop: asyncio.Event,
-                        limit: int, per_request: int = STREAM_REQUEST_TOKENS) -> None:
-    """Generate until `stop` is set (or `limit` tokens), recording each token's arrival time. The stream is
-    a chain of requests of `per_request` tokens, the next submitted as soon as one ends: one request would
-    reach the model's context length during a long open (and its own growing context would slow it)."""
+async def stream_tokens(engine: AsyncLLMEngine, prompt: list[int], arrivals: list[tuple[float, int]],
+                        stop: asyncio.Event, limit: int, per_request: int = STREAM_REQUEST_TOKENS) -> None:
+    """Generate until `stop` is set (or `limit` tokens), recording each token's (arrival time, request
+    number). One request of `per_request` tokens outlasts an 8k open on this CPU; should it end, the next is
+    submitted at once (the gap across that boundary is a new request's wait, counted apart)."""
+    request = 0
     while not stop.is_set() and len(arrivals) < limit:
+        request += 1
         params = SamplingParams(max_tokens=min(per_request, limit - len(arrivals)), ignore_eos=True)
-        events = engine.stream(Request(f"stream-{time.monotonic_ns()}", prompt, params))
+        events = engine.stream(Request(f"stream-{request}-{time.monotonic_ns()}", prompt, params))
         try:
             async for event in events:
                 if event.token_id is not None:
-                    arrivals.append(time.perf_counter())
+                    arrivals.append((time.perf_counter(), request))
                 if stop.is_set() or len(arrivals) >= limit:
                     return
         finally:
             await events.aclose()
 
 
-def gaps_between(arrivals: list[float], start: float, end: float) -> list[float]:
-    """Gaps between consecutive arrivals from the last one before `start` to the first one after `end`."""
-    before = [t for t in arrivals if t <= start]
-    after = [t for t in arrivals if t > end]
-    window = ([before[-1]] if before else []) + [t for t in arrivals if start < t <= end] + after[:1]
-    return [b - a for a, b in zip(window, window[1:])]
+def gaps_between(arrivals: list[tuple[float, int]], start: float, end: float) -> tuple[list[float], list[float]]:
+    """Gaps between consecutive arrivals from the last one before `start` to the first one after `end`:
+    (inter-token gaps within a request, gaps across request boundaries)."""
+    before = [a for a in arrivals if a[0] <= start]
+    after = [a for a in arrivals if a[0] > end]
+    window = ([before[-1]] if before else []) + [a for a in arrivals if start < a[0] <= end] + after[:1]
+    pairs = list(zip(window, window[1:]))
+    return ([b[0] - a[0] for a, b in pairs if a[1] == b[1]], [b[0] - a[0] for a, b in pairs if a[1] != b[1]])
 
 
 async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, mode: str, prompt: list[int],
                    limit: int) -> dict:
-    arrivals: list[float] = []
+    arrivals: list[tuple[float, int]] = []
     stop = asyncio.Event()
     stream = asyncio.create_task(stream_tokens(engine, prompt, arrivals, stop, limit))
     while len(arrivals) < 8:  # the stream is decoding steadily before the open starts
@@ -104,24 +114,37 @@ async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, m
     if mode == "scheduled":
         session = await engine.run_job(manager.open_job(text))
     else:  # the whole open inside one engine-thread call: the old OpenSession
-        session = await engine.call(lambda _engine: manager.open(text))
+        session = await engine.call(lambda llm: _open_whole_budget(llm, manager, text))
     end = time.perf_counter()
-    tokens_during = sum(1 for t in arrivals if start < t <= end)
-    while not [t for t in arrivals if t > end]:
+    tokens_during = sum(1 for t, _ in arrivals if start < t <= end)
+    while not [t for t, _ in arrivals if t > end]:
         await asyncio.sleep(0.005)
     stop.set()
     await stream
     await engine.call(lambda _engine: manager.close(session.session_id))
-    gaps = gaps_between(arrivals, start, end)
+    gaps, boundaries = gaps_between(arrivals, start, end)
     return {"open_s": end - start, "document_tokens": len(session.document.token_ids),
             "stream_tokens_during_open": tokens_during, "max_gap_ms": 1e3 * max(gaps),
-            "median_gap_ms": 1e3 * statistics.median(gaps), "gaps": len(gaps)}
+            "median_gap_ms": 1e3 * statistics.median(gaps), "gaps": len(gaps),
+            "request_boundary_gaps_ms": [1e3 * g for g in boundaries]}
+
+
+def _open_whole_budget(llm: LLMEngine, manager: SessionManager, text: str):
+    """The old OpenSession: the document's passes take whole steps (the full token budget) until done,
+    the stream's decodes riding along unseen (their tokens are held until the call returns)."""
+    shares = llm.document_tokens, llm.document_key_rows
+    llm.document_tokens, llm.document_key_rows = llm.scheduler.token_budget, 1 << 62
+    try:
+        return manager.open(text)
+    finally:
+        llm.document_tokens, llm.document_key_rows = shares
 
 
 async def run_alone(engine: AsyncLLMEngine, prompt: list[int], tokens: int) -> dict:
-    arrivals: list[float] = []
+    arrivals: list[tuple[float, int]] = []
     await stream_tokens(engine, prompt, arrivals, asyncio.Event(), tokens)
-    gaps = [b - a for a, b in zip(arrivals[4:], arrivals[5:])]  # after the prompt's prefill and warm-up
+    times = [t for t, _ in arrivals]
+    gaps = [b - a for a, b in zip(times[4:], times[5:])]  # after the prompt's prefill and warm-up
     return {"max_gap_ms": 1e3 * max(gaps), "median_gap_ms": 1e3 * statistics.median(gaps), "gaps": len(gaps)}
 
 
@@ -131,7 +154,8 @@ async def main_async(args) -> dict:
     log("loading the bundled model (first run converts it, ~30 s)")
     loaded = load_model(ModelSource(device="cpu", dtype="float32"))
     tokenizer = load_tokenizer(loaded.checkpoint)
-    config = LongbowConfig(engine=EngineConfig(document_tokens=args.document_tokens),
+    config = LongbowConfig(engine=EngineConfig(document_tokens=args.document_tokens,
+                                               document_key_rows=args.document_key_rows),
                            sessions=SessionsConfig(max_document_tokens=max(16384, args.doc_tokens)))
     llm = LLMEngine(config, loaded)
     engine = AsyncLLMEngine(llm)
@@ -139,7 +163,8 @@ async def main_async(args) -> dict:
     text = document_text(tokenizer, args.doc_tokens)
     prompt = tokenizer("Write a long story about a lighthouse keeper who", add_special_tokens=False).input_ids
     limit = 1_000_000  # the stream runs until the open has finished and one more token arrived
-    results = {"document_tokens_per_step": llm.document_tokens, "token_budget": llm.scheduler.token_budget}
+    results = {"document_tokens_per_step": llm.document_tokens, "document_key_rows": llm.document_key_rows,
+               "token_budget": llm.scheduler.token_budget, "load_average_before": os.getloadavg()}
     try:
         log("warm-up: a short open and a short stream")
         await run_open(engine, manager, text[:2000], "scheduled", prompt, limit)
@@ -157,13 +182,15 @@ async def main_async(args) -> dict:
 
 def table(results: dict) -> str:
     alone = results["alone"]
-    rows = ["| stream | open s | tokens during open | max gap ms | median gap ms | max gap / alone |",
-            "|---|---|---|---|---|---|",
-            f"| alone | - | - | {alone['max_gap_ms']:.0f} | {alone['median_gap_ms']:.0f} | 1.00 |"]
+    rows = ["| stream | open s | tokens during open | max gap ms | median gap ms | max gap / alone "
+            "| new-request waits ms |",
+            "|---|---|---|---|---|---|---|",
+            f"| alone | - | - | {alone['max_gap_ms']:.0f} | {alone['median_gap_ms']:.0f} | 1.00 | - |"]
     for mode in ("scheduled", "blocking"):
         r = results[mode]
         rows.append(f"| {mode} open | {r['open_s']:.1f} | {r['stream_tokens_during_open']} | {r['max_gap_ms']:.0f} | "
-                    f"{r['median_gap_ms']:.0f} | {r['max_gap_vs_alone']:.2f} |")
+                    f"{r['median_gap_ms']:.0f} | {r['max_gap_vs_alone']:.2f} | "
+                    f"{', '.join(f'{g:.0f}' for g in r['request_boundary_gaps_ms']) or 'none'} |")
     return "\n".join(rows)
 
 
@@ -172,9 +199,11 @@ def main(argv=None) -> None:
     results = asyncio.run(main_async(args))
     results["args"] = vars(args)
     results["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
-                              "threads": torch.get_num_threads(), "machine": platform.machine()}
+                              "threads": torch.get_num_threads(), "machine": platform.machine(),
+                              "load_average_after": os.getloadavg()}
     print(f"document {results['scheduled']['document_tokens']} tokens; engine.document_tokens "
-          f"{results['document_tokens_per_step']} per step beside requests (token budget {results['token_budget']})")
+          f"{results['document_tokens_per_step']} per step beside requests, at most {results['document_key_rows']} "
+          f"rows x keys (token budget {results['token_budget']})")
     print(table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

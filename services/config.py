@@ -38,6 +38,9 @@ class EngineConfig:
     # Tokens of document passes (edit sessions, engine/jobs.py) added to a step that also serves requests;
     # a step with no request gives documents the whole token_budget. 0: token_budget // 16.
     document_tokens: int = 0
+    # ... and at most document_key_rows // (keys the chunk sees) of them, so a step's attention work stays
+    # bounded late in a long document. 0: document_tokens x 1024 on CPU, x 16384 on a GPU.
+    document_key_rows: int = 0
     block_size: int = 16
     num_blocks: int = 2048  # KV capacity = num_blocks * block_size tokens
     max_seqs: int = 64  # sequences per step

@@ -46,6 +46,13 @@ def default_token_budget(device) -> int:
     return 2048 if torch.device(device).type == "cuda" else 512
 
 
+def default_keys_per_document_row(device) -> int:
+    """Keys a document row beside requests may see at the full `document_tokens` share (the rest of
+    `document_key_rows`): 1024 on CPU, where attending 32 rows over 8k keys takes longer than a short
+    decode step (bench/session_stall.py), 16384 on a GPU, where it does not."""
+    return 16384 if torch.device(device).type == "cuda" else 1024
+
+
 @dataclass
 class Completion:
     """Everything one finished request produced."""
@@ -75,7 +82,8 @@ class LLMEngine:
     """Schedule -> execute -> update, one step at a time. The engine is the only caller of its executor
     (executor.py) and, through the scheduler's BlockPool, the only owner of KV blocks. Work on KV held
     outside requests (edit sessions' documents) arrives as KV jobs (jobs.py): their passes ride in the
-    same steps as requests, `document_tokens` of them per step while requests run."""
+    same steps as requests, `document_tokens` of them per step while requests run (fewer late in a long
+    document: `document_key_rows`)."""
 
     def __init__(self, config: LongbowConfig | None = None, loaded: LoadedModel | None = None,
                  executor: Executor | None = None):
@@ -100,6 +108,8 @@ class LLMEngine:
         self.jobs = KVJobs(self.executor)
         budget = self.scheduler.token_budget
         self.document_tokens = cfg.document_tokens or max(16, budget // 16)
+        self.document_key_rows = cfg.document_key_rows or self.document_tokens * default_keys_per_document_row(
+            self.loaded.device)
         self._held_events: list[TokenEvent] = []  # request events of steps a synchronous run_job took
         self._ids = itertools.count()
         self.steps = 0
@@ -148,8 +158,13 @@ class LLMEngine:
         refused = self.scheduler.take_refused()  # KV held outside requests (sessions) that was not given back
         # SplitFuse for documents: beside requests a bounded share, so a long document never stalls streams
         # for more than a slightly longer step; alone, the whole budget.
-        allowance = self.document_tokens if plan.chunks else self.scheduler.token_budget
-        documents = self.jobs.chunks(allowance) if self.jobs.has_work() else []
+        # Beside requests the share is also bounded in attention work (rows x keys seen), which grows
+        # with the document: late in a long document a step carries fewer of its tokens.
+        if plan.chunks:
+            allowance, key_rows = self.document_tokens, self.document_key_rows
+        else:
+            allowance, key_rows = self.scheduler.token_budget, None
+        documents = self.jobs.chunks(allowance, key_rows) if self.jobs.has_work() else []
         if not plan.chunks and not documents:
             return refused
         full = dataclasses.replace(plan, chunks=plan.chunks + documents) if documents else plan

@@ -99,9 +99,11 @@ class KVJobs:
             self._start(handle)
         return handle
 
-    def chunks(self, allowance: int) -> list[ScheduledChunk]:
+    def chunks(self, allowance: int, key_rows: int | None = None) -> list[ScheduledChunk]:
         """Chunks of the waiting passes, oldest job first, `allowance` tokens at most (at least one token
-        when any pass waits, so documents always progress)."""
+        when any pass waits, so documents always progress). With `key_rows`, a chunk also has at most
+        key_rows // (keys it sees) rows: its attention work, which grows with the document's length, stays
+        bounded, and so does the step's time."""
         chunks, left = [], max(1, allowance)
         for handle in self.active:
             if left <= 0:
@@ -110,7 +112,10 @@ class KVJobs:
             if kv_pass is None or any(f.handle is handle for f in self._in_flight.values()):
                 continue
             start = handle.sent
-            end = min(len(kv_pass.token_ids), start + left)
+            rows = left
+            if key_rows is not None:
+                rows = min(left, max(1, key_rows // max(1, len(kv_pass.visible) + start)))
+            end = min(len(kv_pass.token_ids), start + rows)
             last = end == len(kv_pass.token_ids)
             chunk_id = f"kv-job{handle.ident}-{next(self._chunk_ids)}"
             seen = (*kv_pass.visible, *kv_pass.slots[:end])

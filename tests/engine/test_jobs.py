@@ -69,6 +69,22 @@ def test_a_pass_is_cut_to_the_allowance_and_resumed_once_with_its_logits():
     assert log == ["LOGITS"] and handle.done and handle.result == "done" and not jobs.has_work()
 
 
+def test_key_rows_shrink_chunks_as_the_document_grows_but_never_stop_it():
+    jobs, log = KVJobs(Recorder()), []
+    jobs.submit(_encode(40, list(range(8)), log))
+    sizes = []
+    while jobs.has_work():
+        [chunk] = jobs.chunks(16, key_rows=96)
+        seen_before = len(chunk.kv_slots) - len(chunk.token_ids)
+        assert len(chunk.token_ids) == min(16, max(1, 96 // seen_before), 40 - sum(sizes))
+        sizes.append(len(chunk.token_ids))
+        jobs.complete([chunk], _result_for([chunk]))
+    # 8 keys seen: 12 rows; then 20 keys: 4; 24: 4; ... past 96 keys seen it would still give 1 row
+    assert sizes[:3] == [12, 4, 4] and sum(sizes) == 40 and sizes == sorted(sizes, reverse=True)
+    jobs.submit(_encode(40, list(range(8)), log))
+    assert len(jobs.chunks(16)[0].token_ids) == 16  # without key_rows: the whole allowance
+
+
 def test_executor_calls_run_between_passes_and_their_results_come_back():
     def job():
         positions = yield ExecutorCall(lambda executor: executor.read_positions([5, 6]))
