@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--document-tokens", type=int, default=0,
                    help="engine.document_tokens (document tokens per step beside requests); 0: engine default")
     p.add_argument("--document-key-rows", type=int, default=0,
-                   help="engine.document_key_rows (rows x keys seen, per step beside requests); 0: engine default")
+                   help="engine.document_key_rows (rows x keys seen per step beside requests); 0: default")
     p.add_argument("--alone-tokens", type=int, default=48, help="tokens of the stream measured alone")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "session_stall.json"))
@@ -93,7 +93,8 @@ async def stream_tokens(engine: AsyncLLMEngine, prompt: list[int], arrivals: lis
             await events.aclose()
 
 
-def gaps_between(arrivals: list[tuple[float, int]], start: float, end: float) -> tuple[list[float], list[float]]:
+def gaps_between(arrivals: list[tuple[float, int]], start: float,
+                 end: float) -> tuple[list[float], list[float]]:
     """Gaps between consecutive arrivals from the last one before `start` to the first one after `end`:
     (inter-token gaps within a request, gaps across request boundaries)."""
     before = [a for a in arrivals if a[0] <= start]
@@ -202,8 +203,8 @@ def main(argv=None) -> None:
                               "threads": torch.get_num_threads(), "machine": platform.machine(),
                               "load_average_after": os.getloadavg()}
     print(f"document {results['scheduled']['document_tokens']} tokens; engine.document_tokens "
-          f"{results['document_tokens_per_step']} per step beside requests, at most {results['document_key_rows']} "
-          f"rows x keys (token budget {results['token_budget']})")
+          f"{results['document_tokens_per_step']} per step beside requests, at most "
+          f"{results['document_key_rows']} rows x keys (token budget {results['token_budget']})")
     print(table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,8 +108,8 @@ class LLMEngine:
         self.jobs = KVJobs(self.executor)
         budget = self.scheduler.token_budget
         self.document_tokens = cfg.document_tokens or max(16, budget // 16)
-        self.document_key_rows = cfg.document_key_rows or self.document_tokens * default_keys_per_document_row(
-            self.loaded.device)
+        keys_per_row = default_keys_per_document_row(self.loaded.device)
+        self.document_key_rows = cfg.document_key_rows or self.document_tokens * keys_per_row
         self._held_events: list[TokenEvent] = []  # request events of steps a synchronous run_job took
         self._ids = itertools.count()
         self.steps = 0

@@ -177,7 +177,7 @@ class LocalPagedAttention(AttentionBackend):
                 continue
             if seg.kv_range is not None:  # a view
                 keys, values = cache.k[layer, seg.kv_range], cache.v[layer, seg.kv_range]  # [Tk, Hkv, D]
-            else:  # NOTE: index_select measured ~10x faster than advanced indexing (6k slots: 0.065 vs 0.63 ms)
+            else:  # NOTE: index_select measured 2-10x faster than advanced indexing (6k slots, 30 layers)
                 keys = cache.k[layer].index_select(0, seg.kv_slots)
                 values = cache.v[layer].index_select(0, seg.kv_slots)
             if seg.flash_causal:

@@ -43,10 +43,6 @@ class TokenEdit:
     new_ids: tuple[int, ...]
     after: TokenizedText
 
-    @property
-    def delta(self) -> int:
-        return len(self.new_ids) - (self.end - self.start)
-
 
 def apply_edit(tokenizer, doc: TokenizedText, start: int, end: int, replacement: str) -> TokenEdit:
     """Replace characters [start, end) of doc.text by `replacement` and find the token span that changed."""

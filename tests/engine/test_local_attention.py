@@ -1,6 +1,10 @@
-"""LocalPagedAttention on in-order chunks: whichever CPU path a chunk takes (boolean lower-right causal
-mask, or ringattn's mask-free flash pieces for long contexts), the output equals dense fp64 attention
-computed here from the cache's own keys. Tolerance 1e-5 (fp32 kernels, fp64 reference)."""
+"""The paged KV cache and LocalPagedAttention without a model (fast: the mutation check runs these).
+
+Whichever CPU path a segment takes (boolean lower-right causal mask or mask-free flash pieces for in-order
+chunks, one batched call for decode rows, a mask by position id for re-positioned keys), the output
+equals dense fp64 attention computed here from the cache's own keys and positions; PIE's shift equals
+rotating at the new positions; copy moves K, V and positions. Tolerance 1e-5 (fp32 kernels, fp64
+reference)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from longbow.ringattn.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
 from longbow.services.engine.model import ModelArgs
 
@@ -23,16 +28,20 @@ def _cache(slots: int) -> PagedKVCache:
     return PagedKVCache(args, num_blocks=slots // 16, block_size=16, device="cpu", dtype=torch.float32)
 
 
-def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Dense attention of the last len(q) positions over keys at positions 0..Tk-1, lower-right causal."""
+def _probabilities(q, keys, q_pos=None, k_pos=None) -> torch.Tensor:
+    """[Hq, Tq, Tk] fp64 attention probabilities; visible where k_pos <= q_pos (default: the last len(q)
+    positions over keys at 0..Tk-1, lower-right causal)."""
     t_q, t_k = q.shape[0], keys.shape[0]
-    group = H_Q // H_KV
-    k = keys.double().repeat_interleave(group, dim=1)  # [Tk, Hq, D]
-    v = values.double().repeat_interleave(group, dim=1)
+    q_pos = torch.arange(t_k - t_q, t_k) if q_pos is None else q_pos
+    k_pos = torch.arange(t_k) if k_pos is None else k_pos
+    k = keys.double().repeat_interleave(H_Q // H_KV, dim=1)  # [Tk, Hq, D]
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) / math.sqrt(D)
-    visible = torch.arange(t_k)[None, :] <= torch.arange(t_k - t_q, t_k)[:, None]
-    scores = scores.masked_fill(~visible, -math.inf)
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return scores.masked_fill(~(k_pos[None, :] <= q_pos[:, None]), -math.inf).softmax(-1)
+
+
+def _reference(q, keys, values, q_pos=None, k_pos=None) -> torch.Tensor:
+    v = values.double().repeat_interleave(H_Q // H_KV, dim=1)
+    return torch.einsum("hqk,khd->qhd", _probabilities(q, keys, q_pos, k_pos), v)
 
 
 @pytest.mark.parametrize("rows,keys,flash", [
@@ -63,7 +72,8 @@ def test_in_order_chunk_equals_dense_attention_on_either_path(rows, keys, flash)
         slots=torch.tensor([*range(cached, keys), decode_slot]),
         positions=torch.tensor([*range(cached, keys), 16]),
         segments=[Segment("chunk", slice(0, rows), torch.from_numpy(chunk_keys), chunk_keys, in_order=True),
-                  Segment("decode", slice(rows, rows + 1), torch.from_numpy(decode_keys), decode_keys, in_order=True)],
+                  Segment("decode", slice(rows, rows + 1), torch.from_numpy(decode_keys), decode_keys,
+                          in_order=True)],
         attention_rows={})
     q = torch.randn(rows + 1, H_Q, D, generator=generator)
     k_new = torch.randn(rows + 1, H_KV, D, generator=generator)
@@ -77,3 +87,109 @@ def test_in_order_chunk_equals_dense_attention_on_either_path(rows, keys, flash)
     expected_decode = _reference(q[rows:], cache.k[0, keys:decode_slot + 1], cache.v[0, keys:decode_slot + 1])
     torch.testing.assert_close(out[:rows].double(), expected_chunk, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[rows:].double(), expected_decode, atol=1e-5, rtol=1e-5)
+
+
+def _fill(cache, slots, positions, generator):
+    cache.k[0, slots] = torch.randn(len(slots), H_KV, D, generator=generator)
+    cache.v[0, slots] = torch.randn(len(slots), H_KV, D, generator=generator)
+    cache.positions[slots] = torch.as_tensor(positions)
+
+
+def _segment(name, rows: slice, slots, in_order=True, want_attention=False) -> Segment:
+    host = np.asarray(slots, dtype=np.int64)
+    return Segment(name, rows, torch.from_numpy(host), host, want_attention=want_attention, in_order=in_order)
+
+
+@pytest.mark.parametrize("lengths,batched", [((20, 30, 25), True), ((8, 40, 9), False)])
+def test_decode_rows_equal_dense_attention_batched_or_not(lengths, batched):
+    """Decode rows of requests with scattered blocks: one padded call when padding stays under 2x, else one
+    call each; the same attention either way, and the last layer's attention row when asked."""
+    generator = torch.Generator().manual_seed(sum(lengths))
+    cache = _cache(512)
+    attention = LocalPagedAttention(cache, n_layers=1)
+    segments, new_slots, new_positions, start = [], [], [], 0
+    for i, n in enumerate(lengths):
+        slots = [start + 3 * j for j in range(n)]  # every third slot: never a range
+        start = slots[-1] + 1
+        _fill(cache, slots[:-1], range(n - 1), generator)
+        new_slots.append(slots[-1])
+        new_positions.append(n - 1)
+        segments.append(_segment(f"r{i}", slice(i, i + 1), slots, want_attention=i == 1))
+    meta = LocalStepMeta(slots=torch.tensor(new_slots), positions=torch.tensor(new_positions),
+                         segments=segments, attention_rows={})
+    q = torch.randn(len(lengths), H_Q, D, generator=generator)
+    k_new = torch.randn(len(lengths), H_KV, D, generator=generator)
+    v_new = torch.randn(len(lengths), H_KV, D, generator=generator)
+    meta = attention.prepare(meta)
+    assert all(seg.kv_range is None and seg.batched is batched for seg in meta.segments)
+    assert (meta.decode_batch is not None) is batched
+    out = attention.attend(0, q, k_new, v_new, meta)
+    for i, seg in enumerate(meta.segments):
+        keys, values = cache.k[0, seg.kv_slots], cache.v[0, seg.kv_slots]
+        torch.testing.assert_close(out[i:i + 1].double(), _reference(q[i:i + 1], keys, values),
+                                   atol=1e-5, rtol=1e-5)
+    [(name, row)] = meta.attention_rows.items()
+    expected_row = _probabilities(q[1:2], cache.k[0, segments[1].kv_slots]).mean(0)[-1]
+    assert name == "r1"
+    torch.testing.assert_close(row.double(), expected_row, atol=1e-6, rtol=1e-5)
+
+
+def test_re_positioned_keys_are_masked_by_position_not_order():
+    """After PIE edits a request's keys are not in position order: visibility is key_pos <= query_pos."""
+    generator = torch.Generator().manual_seed(5)
+    cache = _cache(128)
+    attention = LocalPagedAttention(cache, n_layers=1)
+    key_positions = [0, 1, 2, 7, 8, 3, 4, 5, 6, 9]  # positions 7 and 8 were moved ahead of 3..6
+    slots = list(range(10, 20))
+    _fill(cache, slots, key_positions, generator)
+    # The chunk is the last five slots (positions 3, 4, 5, 6, 9): only position 9 may see 7 and 8.
+    chunk_slots, chunk_positions = slots[5:], key_positions[5:]
+    meta = LocalStepMeta(slots=torch.tensor(chunk_slots), positions=torch.tensor(chunk_positions),
+                         segments=[_segment("edited", slice(0, 5), slots, in_order=False)], attention_rows={})
+    q = torch.randn(5, H_Q, D, generator=generator)
+    k_new, v_new = cache.k[0, chunk_slots].clone(), cache.v[0, chunk_slots].clone()
+    meta = attention.prepare(meta)
+    assert meta.segments[0].visible is not None and not meta.segments[0].flash_causal
+    out = attention.attend(0, q, k_new, v_new, meta)
+    expected = _reference(q, cache.k[0, slots], cache.v[0, slots], torch.tensor(chunk_positions),
+                          torch.tensor(key_positions))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_shift_moves_positions_and_rotates_keys_as_if_encoded_there(rotate):
+    generator = torch.Generator().manual_seed(11)
+    cache = _cache(64)
+    inv_freq = inverse_frequencies(D, 1e4)
+    raw = torch.randn(6, H_KV, D, generator=generator)
+    positions = torch.tensor([3, 4, 5, 6, 7, 8])
+    slots = torch.tensor([9, 2, 30, 31, 40, 17])
+    cache.k[0, slots] = apply_rotary(raw, *rotary_cos_sin(positions, inv_freq))
+    cache.v[0, slots] = values = torch.randn(6, H_KV, D, generator=generator)
+    cache.positions[slots] = positions
+    untouched = cache.k[0, 20].clone()
+    moved = slots[2:]
+    cache.shift(moved, 5, inv_freq, rotate=rotate)
+    assert cache.positions[slots].tolist() == [3, 4, 10, 11, 12, 13]
+    expected_positions = positions + 5 if rotate else positions  # a rotation at the new positions, or none
+    def rotated(keys, at):
+        return apply_rotary(keys, *rotary_cos_sin(at, inv_freq))
+
+    torch.testing.assert_close(cache.k[0, moved], rotated(raw[2:], expected_positions[2:]),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.k[0, slots[:2]], rotated(raw[:2], positions[:2]))
+    assert torch.equal(cache.v[0, slots], values) and torch.equal(cache.k[0, 20], untouched)
+    cache.shift(moved, 0, inv_freq)  # no move: nothing changes
+    assert cache.positions[slots].tolist() == [3, 4, 10, 11, 12, 13]
+
+
+def test_copy_takes_keys_values_and_positions_and_leaves_the_source():
+    generator = torch.Generator().manual_seed(13)
+    cache = _cache(64)
+    source, target = torch.tensor([1, 2, 3]), torch.tensor([40, 41, 50])
+    _fill(cache, source, [7, 8, 9], generator)
+    before = cache.k[:, source].clone(), cache.v[:, source].clone()
+    cache.copy(source, target)
+    assert torch.equal(cache.k[:, target], before[0]) and torch.equal(cache.v[:, target], before[1])
+    assert cache.positions[target].tolist() == [7, 8, 9] == cache.positions[source].tolist()
+    assert torch.equal(cache.k[:, source], before[0])
