@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from longbow.ringattn.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
-from longbow.services.engine.kv_cache import LocalPagedAttention, LocalStepMeta, PagedKVCache, Segment
+from longbow.services.engine.kv_cache import (
+    LocalPagedAttention, LocalStepMeta, NoCacheAttention, PagedKVCache, Segment)
 from longbow.services.engine.model import ModelArgs
 
 H_Q, H_KV, D = 6, 2, 16
@@ -71,7 +72,8 @@ def test_in_order_chunk_equals_dense_attention_on_either_path(rows, keys, flash)
     meta = LocalStepMeta(
         slots=torch.tensor([*range(cached, keys), decode_slot]),
         positions=torch.tensor([*range(cached, keys), 16]),
-        segments=[Segment("chunk", slice(0, rows), torch.from_numpy(chunk_keys), chunk_keys, in_order=True),
+        segments=[Segment("chunk", slice(0, rows), torch.from_numpy(chunk_keys), chunk_keys, in_order=True,
+                          want_attention=True),
                   Segment("decode", slice(rows, rows + 1), torch.from_numpy(decode_keys), decode_keys,
                           in_order=True)],
         attention_rows={})
@@ -79,14 +81,25 @@ def test_in_order_chunk_equals_dense_attention_on_either_path(rows, keys, flash)
     k_new = torch.randn(rows + 1, H_KV, D, generator=generator)
     v_new = torch.randn(rows + 1, H_KV, D, generator=generator)
 
+    # The reference's keys: what was cached before the step, then the step's own new K/V (not read back
+    # from the cache, so a step that forgot to store them fails).
+    chunk_k = torch.cat([cache.k[0, :cached], k_new[:rows]])
+    chunk_v = torch.cat([cache.v[0, :cached], v_new[:rows]])
+    decode_k = torch.cat([cache.k[0, keys:decode_slot], k_new[rows:]])
+    decode_v = torch.cat([cache.v[0, keys:decode_slot], v_new[rows:]])
+
     meta = attention.prepare(meta)
     assert meta.segments[0].flash_causal is flash
+    assert meta.segments[0].kv_range == slice(0, keys)  # consecutive slots: a view, no gather
     out = attention.attend(0, q, k_new, v_new, meta)
 
-    expected_chunk = _reference(q[:rows], cache.k[0, :keys], cache.v[0, :keys])
-    expected_decode = _reference(q[rows:], cache.k[0, keys:decode_slot + 1], cache.v[0, keys:decode_slot + 1])
+    expected_chunk = _reference(q[:rows], chunk_k, chunk_v)
+    expected_decode = _reference(q[rows:], decode_k, decode_v)
     torch.testing.assert_close(out[:rows].double(), expected_chunk, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[rows:].double(), expected_decode, atol=1e-5, rtol=1e-5)
+    # The chunk's last row's attention (DRAGIN reads it), head-averaged
+    expected_row = _probabilities(q[:rows], chunk_k)[:, -1].mean(0)
+    torch.testing.assert_close(meta.attention_rows["chunk"].double(), expected_row, atol=1e-6, rtol=1e-5)
 
 
 def _fill(cache, slots, positions, generator):
@@ -100,7 +113,7 @@ def _segment(name, rows: slice, slots, in_order=True, want_attention=False) -> S
     return Segment(name, rows, torch.from_numpy(host), host, want_attention=want_attention, in_order=in_order)
 
 
-@pytest.mark.parametrize("lengths,batched", [((20, 30, 25), True), ((8, 40, 9), False)])
+@pytest.mark.parametrize("lengths,batched", [((20, 30, 25), True), ((20, 30), True), ((8, 40, 9), False)])
 def test_decode_rows_equal_dense_attention_batched_or_not(lengths, batched):
     """Decode rows of requests with scattered blocks: one padded call when padding stays under 2x, else one
     call each; the same attention either way, and the last layer's attention row when asked."""
@@ -140,7 +153,7 @@ def test_re_positioned_keys_are_masked_by_position_not_order():
     cache = _cache(128)
     attention = LocalPagedAttention(cache, n_layers=1)
     key_positions = [0, 1, 2, 7, 8, 3, 4, 5, 6, 9]  # positions 7 and 8 were moved ahead of 3..6
-    slots = list(range(10, 20))
+    slots = [10, 12, 11, 16, 17, 13, 14, 15, 18, 19]  # exactly the slots 10..19 from 10 to 19, not in order
     _fill(cache, slots, key_positions, generator)
     # The chunk is the last five slots (positions 3, 4, 5, 6, 9): only position 9 may see 7 and 8.
     chunk_slots, chunk_positions = slots[5:], key_positions[5:]
@@ -150,6 +163,7 @@ def test_re_positioned_keys_are_masked_by_position_not_order():
     k_new, v_new = cache.k[0, chunk_slots].clone(), cache.v[0, chunk_slots].clone()
     meta = attention.prepare(meta)
     assert meta.segments[0].visible is not None and not meta.segments[0].flash_causal
+    assert meta.segments[0].kv_range is None  # not in slot order: gathered in list order
     out = attention.attend(0, q, k_new, v_new, meta)
     expected = _reference(q, cache.k[0, slots], cache.v[0, slots], torch.tensor(chunk_positions),
                           torch.tensor(key_positions))
@@ -181,6 +195,14 @@ def test_shift_moves_positions_and_rotates_keys_as_if_encoded_there(rotate):
     assert torch.equal(cache.v[0, slots], values) and torch.equal(cache.k[0, 20], untouched)
     cache.shift(moved, 0, inv_freq)  # no move: nothing changes
     assert cache.positions[slots].tolist() == [3, 4, 10, 11, 12, 13]
+    cache.shift(moved, -5, inv_freq)  # back (keys rotated by default)
+    assert cache.positions[slots].tolist() == positions.tolist()
+    back = positions if rotate else positions - 5  # without the first rotation the keys now sit 5 behind
+    torch.testing.assert_close(cache.k[0, moved], rotated(raw[2:], back[2:]), atol=1e-5, rtol=1e-5)
+    cache.shift(slots[:1], 1, inv_freq)  # one key, one position: the smallest move is still a move
+    assert cache.positions[slots[0]].item() == 4
+    torch.testing.assert_close(cache.k[0, slots[:1]], rotated(raw[:1], positions[:1] + 1),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_copy_takes_keys_values_and_positions_and_leaves_the_source():
@@ -193,3 +215,11 @@ def test_copy_takes_keys_values_and_positions_and_leaves_the_source():
     assert torch.equal(cache.k[:, target], before[0]) and torch.equal(cache.v[:, target], before[1])
     assert cache.positions[target].tolist() == [7, 8, 9] == cache.positions[source].tolist()
     assert torch.equal(cache.k[:, source], before[0])
+
+
+def test_attention_without_a_cache_is_causal():
+    generator = torch.Generator().manual_seed(17)
+    q = torch.randn(12, H_Q, D, generator=generator)
+    k, v = torch.randn(12, H_KV, D, generator=generator), torch.randn(12, H_KV, D, generator=generator)
+    out = NoCacheAttention().attend(0, q, k, v, torch.arange(12))
+    torch.testing.assert_close(out.double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
