@@ -3,7 +3,7 @@
 # whether their fast unit tests notice. Not part of CI; run it by hand after changing one of these modules
 # or its tests, and update the table in docs/testing.md.
 #
-#   bash scripts/mutation.sh                          # every module but kv_cache.py (1-2 h on two busy cores)
+#   bash scripts/mutation.sh                          # every module (~1-2 h on two busy cores)
 #   bash scripts/mutation.sh ringattn/merge.py        # one module (seconds to ~35 min: docs/testing.md)
 #   bash scripts/mutation.sh --list services/engine/scheduler.py   # the mutants, without running them
 #   bash scripts/mutation.sh --limit 20 services/engine/sampler.py  # the first 20 mutants only
