@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,22 +42,6 @@ class ShardLayout:
 
     def shard_of_slot(self, slot: int) -> int:
         return slot // self.slots_per_shard
-
-
-@dataclass
-class ForwardOutput:
-    """What one runner produced for one step (plain values and small tensors: it may cross Ray)."""
-
-    sample_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> [V] fp32
-    prompt_logprobs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (target position, logprob)
-    attention: dict[str, list[float]] = field(default_factory=dict)  # by position
-
-    def merge(self, other: "ForwardOutput") -> "ForwardOutput":
-        self.sample_logits.update(other.sample_logits)
-        self.attention.update(other.attention)
-        for rid, values in other.prompt_logprobs.items():
-            self.prompt_logprobs.setdefault(rid, []).extend(values)
-        return self
 
 
 @dataclass
@@ -185,18 +169,6 @@ class ModelRunner:
         self.kernel_fallbacks += 1
         return True
 
-    def forward(self, plan: StepPlan) -> ForwardOutput:
-        """The forward pass as plain per-request values (the shard group's form)."""
-        logits, inputs, meta = self.run(plan)
-        out = ForwardOutput(prompt_logprobs=self.prompt_logprobs(plan, logits, inputs))
-        for b, chunk in enumerate(plan.chunks):
-            rid, mine = chunk.request_id, logits[inputs.logit_start[b]:inputs.logit_start[b + 1]]
-            if chunk.sample and chunk.shard == self.shard:
-                out.sample_logits[rid] = mine[-1]
-            if rid in meta.attention_rows:
-                out.attention[rid] = _by_position(meta.attention_rows[rid], self.cache, meta, rid)
-        return out
-
     def prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor,
                         inputs: StepInputs) -> dict[str, list[tuple[int, float]]]:
         """(target position, logprob) of every local row of the chunks that score their prompt."""
@@ -277,21 +249,6 @@ class StepSampler:
                 continue
             result.sampled[chunk.request_id] = SampledToken(
                 host.token_ids[row], host.logprobs[row], host.entropies[row], attention.get(chunk.request_id))
-
-    def finish(self, plan: StepPlan, output: ForwardOutput) -> StepResult:
-        """Sample from per-request logits gathered from several shards (the shard group)."""
-        result = StepResult()
-        for chunk in plan.chunks:
-            if chunk.request_id in output.prompt_logprobs:
-                result.prompt_logprobs[chunk.request_id] = [lp for _, lp in sorted(output.prompt_logprobs[chunk.request_id])]
-        for chunk in plan.chunks:
-            if chunk.want_logits:
-                result.logits[chunk.request_id] = output.sample_logits[chunk.request_id].to(self.device)
-        sampling = [c for c in plan.chunks if c.sample and not c.want_logits]
-        if sampling:
-            logits = torch.stack([output.sample_logits[c.request_id].to(self.device) for c in sampling])
-            self.sample(sampling, logits, output.attention, result)
-        return result
 
 
 class Worker:
