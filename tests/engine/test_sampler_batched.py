@@ -164,7 +164,8 @@ def _allowed_reference(logits: torch.Tensor, params: SamplingParams) -> tuple[se
     return set(kept), margin
 
 
-@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (17, 1.0), (0, 0.3), (0, 0.8), (0, 0.95), (8, 0.6)])
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (17, 1.0), (0, 0.3), (0, 0.8), (0, 0.95), (8, 0.6),
+                                         (1, 0.99), (3, 0.999)])  # top-k binding inside the top-p path
 def test_cuts_never_emit_a_token_outside_the_reference_set(top_k, top_p):
     vocab, draws = 64, 400
     for case in range(3):
@@ -332,3 +333,44 @@ def test_cuda_draws_equal_cpu_draws_without_synchronising():
     mismatches = sum(a != b for a, b in zip(on_cpu.token_ids, on_gpu.token_ids))
     assert mismatches <= 1  # only a within-an-ulp tie of the float transform may differ
     assert on_gpu.failed == on_cpu.failed
+
+
+# ---------------------------------------------------------------- edges found by the mutation check
+
+def test_greedy_rows_of_a_mixed_batch_take_the_argmax():
+    """Greedy rows beside rows sampled at a temperature other than 1 (the batch takes the sampling path)."""
+    logits = random_logits(40, 64, seed=3, scale=0.5)  # flat: a sampled row would often miss the argmax
+    params = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.7) for i in range(40)]
+    tokens = draw(logits, params)
+    assert [tokens[i] for i in range(1, 40, 2)] == logits[1::2].argmax(dim=-1).tolist()
+    assert any(tokens[i] != int(logits[i].argmax()) for i in range(0, 40, 2))  # the others were sampled
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_single_banned_id_is_banned(temperature):
+    """min_tokens with one eos id and no stop ids: a ban list one id wide."""
+    logits = random_logits(16, 32, seed=4)
+    logits[:, 5] = 50.0  # eos would win every draw
+    params = [SamplingParams(temperature=temperature, min_tokens=2)] * 16
+    tokens = draw(logits, params, num_generated=[1] * 16, eos=(5,))
+    assert 5 not in tokens
+    assert draw(logits, params, num_generated=[2] * 16, eos=(5,)) == [5] * 16  # released at the count
+
+
+def test_seeds_past_two_to_the_63_are_the_same_bits():
+    """Seeds are uint64 in the API; the sampler keeps them as int64 with the same bits."""
+    logits = random_logits(3, 64, seed=5)
+    params = [SamplingParams(temperature=1.0)] * 3
+    big = [2**63, 2**63 + 7, 2**64 - 1]
+    assert draw(logits, params, seeds=big) == draw(logits, params, seeds=[b - 2**64 for b in big])
+    noise = _gumbel_noise(torch.tensor([b - 2**64 for b in big]), torch.zeros(3, dtype=torch.int64), 64)
+    assert torch.isfinite(noise).all()
+
+
+def test_the_logprob_of_token_zero_is_its_own():
+    logits = random_logits(2, 32, seed=6)
+    logits[:, 0] = 20.0
+    result = sample_batch(logits, controls([SamplingParams(temperature=0.0)] * 2, eos=(31,))).to_host()
+    assert result.token_ids == [0, 0]
+    expected = torch.log_softmax(logits, dim=-1)[:, 0].tolist()
+    assert result.logprobs == pytest.approx(expected, abs=1e-6)
