@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,13 @@ def ray_head():
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _read_port(process: subprocess.Popen) -> int:
+def _read_port(process: subprocess.Popen, log: Path) -> int:
     for line in process.stdout:  # blocks until the server prints its address (or dies)
         match = re.search(r"serving .* on [\d.]+:(\d+)", line)
         if match:
             return int(match.group(1))
-    raise AssertionError(f"server did not start (exit code {process.wait()})")
+    tail = log.read_text(errors="replace")[-3000:]
+    raise AssertionError(f"server did not start (exit code {process.wait()}); its stderr ends:\n{tail}")
 
 
 def _cluster_cpus_free(address: str) -> float:
@@ -89,7 +91,7 @@ def _cluster_cpus_free(address: str) -> float:
 
 
 @pytest.mark.parametrize("kind", ["gcs", "ray_client"])
-def test_serve_joins_a_running_cluster(ray_head, tiny_checkpoint, tiny_model, kind):
+def test_serve_joins_a_running_cluster(ray_head, tiny_checkpoint, tiny_model, kind, tmp_path):
     gcs_address, client_address = ray_head
     address = gcs_address if kind == "gcs" else client_address
     model = ModelSource(name_or_path=str(tiny_checkpoint), device="cpu", dtype="float32")
@@ -100,16 +102,23 @@ def test_serve_joins_a_running_cluster(ray_head, tiny_checkpoint, tiny_model, ki
            "LONGBOW_DTYPE": "float32", "LONGBOW_NUM_BLOCKS": "64", "LONGBOW_PLACEMENT_STRATEGY": "PACK"}
     command = [sys.executable, "-m", "longbow.services.cli", "serve", "--no-metrics", "--shards", "2",
                "--address", address]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                              cwd=Path(__file__).parent)
+    log = tmp_path / "serve.stderr"
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                                  cwd=Path(__file__).parent)
     try:
-        port = _read_port(server)
+        port = _read_port(server, log)
         with LongbowClient(f"127.0.0.1:{port}", timeout_s=120) as client:
             result = client.generate(token_ids=PROMPT, max_tokens=6, min_tokens=6)
         assert result.token_ids == reference.token_ids
         assert _cluster_cpus_free(gcs_address) == 0  # both shards sit on the cluster's 2 CPUs
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
+        # The stopped server's shards give the cluster its CPUs back (Ray ends the actors asynchronously:
+        # a bounded poll, so the next test does not find the cluster still full).
+        deadline = time.monotonic() + 60
+        while _cluster_cpus_free(gcs_address) < 2:
+            assert time.monotonic() < deadline, "the shards of a stopped server still hold the cluster's CPUs"
     finally:
         if server.poll() is None:
             server.kill()
