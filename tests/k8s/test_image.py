@@ -48,6 +48,15 @@ def test_installs_what_setup_installs(name):
     assert "server" in pins["extras"].split(",")
     assert "npm ci" in runs, "setup.sh installs the TypeScript helper's pinned compiler; so must the image"
     assert "longbow info" in runs, "the model must be converted at build time"
+    assert '".[server]" "ray==${RAY_VERSION}"' in runs, "the image pins Ray with the package"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_pins_the_ray_the_raycluster_declares(name):
+    raycluster = (v.REPO / "k8s" / "gpu" / "raycluster.yaml").read_text()
+    declared = re.search(r'rayVersion:\s*"([^"]+)"', raycluster)
+    assert declared, "k8s/gpu/raycluster.yaml has no rayVersion"
+    assert _arg(_instructions(name), "RAY_VERSION") == declared.group(1)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
