@@ -269,11 +269,13 @@ def cmd_context(args) -> int:
     path = os.path.relpath(os.path.abspath(file), root)
     if args.address:
         from longbow.services.client.sdk import LongbowClient, LongbowError
-        from longbow.services.lsp.workspace_files import import_closure
+        from pathlib import Path
+
+        from longbow.services.lsp.workspace_files import import_closure, read_file_under
 
         # The server reads no disk by default (and may be another machine): the request carries the
         # file and what it imports, as the editor plugin's detached mode does.
-        files = import_closure(path, lambda rel: _read_under(root, rel))
+        files = import_closure(path, lambda rel: read_file_under(Path(root), rel))
         if path not in files:
             print(f"error: cannot read {file} under {root}", file=sys.stderr)
             return 2
@@ -297,20 +299,6 @@ def cmd_context(args) -> int:
     print(f"# expected type: {expected or '(unknown)'} ({tokens} tokens of context)", file=sys.stderr)
     print(packed)
     return 0
-
-
-def _read_under(root: str, relative: str) -> str | None:
-    """A source file's text when it lies inside `root` (symlinks resolved), else None."""
-    from pathlib import Path
-
-    base = Path(root).resolve()
-    target = (base / relative).resolve()
-    if not target.is_relative_to(base) or not target.is_file():
-        return None
-    try:
-        return target.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
 
 
 def _location(location: str) -> tuple[str, int, int]:

@@ -16,7 +16,8 @@ import grpc
 from longbow.services.client.errors import LongbowError
 from longbow.services.lsp.documents import TextDocument
 from longbow.services.lsp.gateway_link import GatewayLink
-from longbow.services.lsp.workspace_files import FileLimits, batches, import_closure, source_files
+from longbow.services.lsp.workspace_files import (FileLimits, batches, import_closure, read_file_under,
+                                                  source_files)
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,4 @@ class WorkspaceSync:
             return None
         target = base / path
         open_buffer = next((d.text for d in self.documents.values() if d.path == target), None)
-        if open_buffer is not None:
-            return open_buffer
-        try:
-            return target.read_text(encoding="utf-8", errors="replace") if target.is_file() else None
-        except OSError:
-            return None
+        return open_buffer if open_buffer is not None else read_file_under(base, path)

@@ -66,6 +66,19 @@ def batches(files: dict[str, str], size: int) -> Iterator[dict[str, str]]:
         yield dict(items[start:start + size])
 
 
+def read_file_under(base: Path, relative: str) -> str | None:
+    """The text of source file `relative` when it lies inside `base` (symlinks resolved), else None: the
+    disk reader of detached mode (the language server's buffers aside, and `longbow context --address`)."""
+    root = base.resolve()
+    target = (root / relative).resolve()
+    try:
+        if not target.is_relative_to(root) or not target.is_file():
+            return None
+        return target.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
 def import_closure(path: str, read: Callable[[str], str | None], limits: FileLimits = FileLimits()) -> dict[str, str]:
     """`path` and the workspace files it imports, transitively (relative path -> text). `read` gives a
     relative path's text (open buffer or disk) or None when there is no such file."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from longbow.services.lsp.workspace_files import FileLimits, import_closure, imported_paths, source_files
+from longbow.services.lsp.workspace_files import (FileLimits, import_closure, imported_paths, read_file_under,
+                                                  source_files)
 
 
 def test_source_files_skip_vendored_and_hidden_directories(tmp_path):
@@ -26,3 +27,15 @@ def test_python_and_typescript_imports():
 def test_closure_follows_imports_transitively():
     files = {"a.py": "from b import f\n", "b.py": "from c import C\n", "c.py": "class C: ...\n", "d.py": ""}
     assert sorted(import_closure("a.py", files.get)) == ["a.py", "b.py", "c.py"]
+
+
+def test_files_are_read_only_inside_the_root(tmp_path):
+    root, outside = tmp_path / "ws", tmp_path / "secret.py"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("x = 1\n")
+    outside.write_text("token = 'no'\n")
+    (root / "pkg" / "link.py").symlink_to(outside)
+    assert read_file_under(root, "pkg/a.py") == "x = 1\n"
+    assert read_file_under(root, "../secret.py") is None  # a path out of the root
+    assert read_file_under(root, "pkg/link.py") is None  # a symlink out of the root
+    assert read_file_under(root, "pkg/missing.py") is None and read_file_under(root, "pkg") is None
