@@ -281,7 +281,8 @@ def cmd_context(args) -> int:
             return 2
         try:
             with LongbowClient(args.address, token=args.token or "") as client:
-                context = client.code_context("", path, line, column, open_files=files, token_budget=args.budget)
+                context = client.code_context("", path, line, column, open_files=files,
+                                              token_budget=args.budget)
         except LongbowError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
