@@ -5,6 +5,7 @@ retrieval latency.
                         [--target-tokens 64] [--latency-chunks 100000] [--latency-queries 200]
                         [--margin-retrieval] [--redis-url redis://...]
                         [--sections all|fusion|scoring|latency ...] [--scoring-tokens 1024 4096 16384]
+                        [--scoring-dtype auto|float32|bfloat16] [--threads 1]
 
 1. Chunking (rag.eval.synthetic.make_chunking_set, gold boundaries between topics): boundary F1 (a cut
    within 5 characters of a gold boundary matches it) and Pk for fixed / sentence / perplexity / margin,
@@ -26,9 +27,13 @@ retrieval latency.
    side by side with queries embedded by sentence-transformers (torch) and by the numpy MiniLM (the
    gateway's query path). Every query is new: the query-vector cache never hits.
 5. Meta-Chunking scoring speed (`--sections scoring`): scored tokens/s of the perplexity chunker's
-   scoring on the first N tokens of real text (the stdlib docstrings), for each N in --scoring-tokens:
-   the windowed scoring (rag.chunking.perplexity, 512-token windows batched in one engine call) and, up
-   to 4,096 tokens, the one-pass scoring it replaced (every token given all text before it).
+   scoring on the first N tokens of real text (the stdlib docstrings, repeated past their ~52k tokens),
+   for each N in --scoring-tokens: the windowed scoring (rag.chunking.perplexity, 512-token windows
+   batched in one engine call) in float32 (the old default) and in the scoring default (rag.scoring_dtype,
+   --scoring-dtype: auto is bfloat16 on a CPU with AVX512-BF16 or AMX) side by side, and, up to 4,096
+   tokens, the float32 one-pass scoring the windows replaced (every token given all text before it). On
+   the largest N: how far the default dtype moves per-sentence mean NLL from float32, and how many
+   Meta-Chunking boundaries the two share.
 
 Progress goes to stderr; the table to stdout; JSON to bench/results/rag.json. Targets: perplexity beats
 fixed-size on Recall@5 at equal size; fusion beats BM25 and dense; latency p95 < 50 ms at 100k chunks.
@@ -60,7 +65,7 @@ from longbow.rag.chunking import (
     sentence_spans,
 )
 from longbow.rag.chunking.base import chunks_from_boundaries, token_counts
-from longbow.rag.chunking.perplexity import pieces_to_boundaries, scored_logprobs, sentence_nll
+from longbow.rag.chunking.perplexity import pieces_to_boundaries, scored_logprobs, sentence_means, sentence_nll
 from longbow.rag.embed import shared_embedder
 from longbow.rag.eval.fusion import RULES, compare_rules
 from longbow.rag.eval.metrics import boundary_f1, pk
@@ -87,13 +92,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def load_lm():
+def load_lm(dtype: str = "float32"):
     from longbow.services.config import EngineConfig, LongbowConfig, ModelSource
     from longbow.services.text.lm import EngineLM
 
-    config = LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
+    config = LongbowConfig(model=ModelSource(device="cpu", dtype=dtype),
                            engine=EngineConfig(token_budget=512, block_size=16, num_blocks=512))
     return EngineLM.from_config(config)
+
+
+def default_scoring_dtype(choice: str) -> str:
+    """What `longbow ingest` scores in on this CPU for rag.scoring_dtype = choice (a float32 model)."""
+    from longbow.services.config import LongbowConfig, ModelSource, RagConfig
+    from longbow.services.text.lm import scoring_dtype
+
+    return scoring_dtype(LongbowConfig(model=ModelSource(device="cpu", dtype="float32"),
+                                       rag=RagConfig(scoring_dtype=choice)))
 
 
 @dataclass
@@ -432,38 +446,85 @@ def latency_section(args, workdir: Path) -> dict:
 ONE_PASS_MAX_TOKENS = 4096  # the old scoring is superlinear; beyond this it takes minutes on CPU
 
 
+def scoring_text(lm, tokens: int) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """The stdlib docstrings joined, repeated until they hold `tokens` tokens, cut there: text, ids, offsets.
+    NOTE: the repeat is only for N beyond the corpus (~52k tokens); a window sees at most 512 tokens, so
+    a repeat 52k tokens back neither helps the model nor changes the cost."""
+    corpus = " ".join(d.text for d in make_stdlib_corpus().documents)
+    text, (ids, offsets) = corpus, lm.tokenize_with_offsets(corpus)
+    while len(ids) < tokens:
+        text = text + " " + corpus
+        ids, offsets = lm.tokenize_with_offsets(text)
+    return text[:offsets[tokens - 1][1]], ids[:tokens], offsets[:tokens]
+
+
+def timed_scoring(lm, ids: list[int]) -> tuple[float, list[float]]:
+    """(scored tokens/s, logprobs) of the windowed scoring."""
+    start = time.perf_counter()
+    logprobs = scored_logprobs(lm, ids)
+    return len(ids) / (time.perf_counter() - start), logprobs
+
+
 def scoring_section(lm, args) -> dict:
-    """Scored tokens/s on the first N tokens of the stdlib docstrings: windowed (now) vs one pass (before)."""
-    text = " ".join(d.text for d in make_stdlib_corpus().documents)
-    ids = lm.tokenize(text)
-    while len(ids) < max(args.scoring_tokens):
-        ids = ids + ids  # NOTE: only for N beyond the corpus (~52k tokens): the text repeats
-    scored_logprobs(lm, ids[:600])  # warm up: first-call allocations
-    result = {"load_average_before": os.getloadavg()[0], "threads": args.threads}
-    for n in args.scoring_tokens:
-        row = {}
-        log(f"scoring: {n} tokens, windowed")
-        start = time.perf_counter()
-        scored_logprobs(lm, ids[:n])
-        row["windowed_tokens_per_s"] = n / (time.perf_counter() - start)
+    """Scored tokens/s on the first N tokens of the stdlib docstrings: windowed in float32 (before) and in
+    the scoring default dtype (now), side by side, and the float32 one pass up to ONE_PASS_MAX_TOKENS."""
+    dtype = default_scoring_dtype(args.scoring_dtype)
+    log(f"loading SmolLM2-135M in {dtype} (the scoring default)")
+    scorer = lm if dtype == "float32" else load_lm(dtype)
+    largest = max(args.scoring_tokens)
+    text, ids, offsets = scoring_text(lm, largest)
+    for model in (lm, scorer):
+        scored_logprobs(model, ids[:600])  # warm up: first-call allocations
+    result = {"load_average_before": os.getloadavg()[0], "threads": args.threads, "default_dtype": dtype}
+    for n in sorted(args.scoring_tokens):  # the largest last: its logprobs feed the fidelity check
+        log(f"scoring: {n} tokens, windowed, float32 and {dtype}")
+        old_rate, old_logprobs = timed_scoring(lm, ids[:n])
+        new_rate, new_logprobs = timed_scoring(scorer, ids[:n]) if scorer is not lm else (old_rate, old_logprobs)
+        row = {"windowed_float32_tokens_per_s": old_rate, "windowed_default_tokens_per_s": new_rate,
+               "speedup": new_rate / old_rate}
         if n <= ONE_PASS_MAX_TOKENS:
-            log(f"scoring: {n} tokens, one pass")
+            log(f"scoring: {n} tokens, one pass, float32")
             start = time.perf_counter()
             lm.token_logprobs(ids[:n])
-            row["one_pass_tokens_per_s"] = n / (time.perf_counter() - start)
+            row["one_pass_float32_tokens_per_s"] = n / (time.perf_counter() - start)
         result[str(n)] = row
     result["load_average_after"] = os.getloadavg()[0]
+    # The largest N's logprobs, both dtypes: what the default dtype does to Meta-Chunking's input and output.
+    result["fidelity"] = scoring_fidelity(text, offsets, old_logprobs, new_logprobs)
     return result
 
 
+def scoring_fidelity(text: str, offsets: list[tuple[int, int]], reference: list[float],
+                     candidate: list[float]) -> dict:
+    """Per-sentence mean NLL differences (nats) and shared Meta-Chunking boundaries (theta 0)."""
+    sentences = sentence_spans(text)
+    old, new = sentence_means(reference, offsets, sentences), sentence_means(candidate, offsets, sentences)
+    differences = [abs(a - b) for a, b in zip(old, new) if not np.isnan(a)]
+    cuts_old, cuts_new = set(perplexity_boundaries(old, 0.0)), set(perplexity_boundaries(new, 0.0))
+    return {"tokens": len(offsets), "sentences": len(differences),
+            "mean_abs_sentence_nll_difference": statistics.fmean(differences),
+            "max_abs_sentence_nll_difference": max(differences),
+            "sentences_over_0.1_nats": sum(d > 0.1 for d in differences),
+            "boundaries_float32": len(cuts_old), "boundaries_default": len(cuts_new),
+            "boundaries_shared": len(cuts_old & cuts_new)}
+
+
 def print_scoring(scoring: dict) -> None:
+    dtype = scoring["default_dtype"]
     print(f"\nMeta-Chunking scoring, scored tokens/s (torch threads {scoring['threads']}, load average "
           f"{scoring['load_average_before']:.1f} before, {scoring['load_average_after']:.1f} after)")
-    print(f"{'tokens':>8}{'windowed':>12}{'one pass':>12}")
+    print(f"{'tokens':>8}{'float32':>12}{dtype:>12}{'ratio':>8}{'one pass':>12}")
     for n, row in scoring.items():
-        if isinstance(row, dict):
-            one = row.get("one_pass_tokens_per_s")
-            print(f"{n:>8}{row['windowed_tokens_per_s']:>12.0f}" + (f"{one:>12.0f}" if one else f"{'-':>12}"))
+        if n.isdigit():
+            one = row.get("one_pass_float32_tokens_per_s")
+            print(f"{n:>8}{row['windowed_float32_tokens_per_s']:>12.0f}{row['windowed_default_tokens_per_s']:>12.0f}"
+                  f"{row['speedup']:>8.2f}" + (f"{one:>12.0f}" if one else f"{'-':>12}"))
+    f = scoring["fidelity"]
+    print(f"{dtype} vs float32 on {f['tokens']} tokens, {f['sentences']} sentences: per-sentence mean NLL "
+          f"differs by {f['mean_abs_sentence_nll_difference']:.4f} nats on average, "
+          f"{f['max_abs_sentence_nll_difference']:.4f} at most ({f['sentences_over_0.1_nats']} over 0.1); "
+          f"boundaries {f['boundaries_shared']} shared of {f['boundaries_float32']} (float32) / "
+          f"{f['boundaries_default']} ({dtype})")
 
 
 def print_latency(latency: dict) -> None:
@@ -489,9 +550,11 @@ def targets(results: dict) -> dict:
                                                    "chunks": latency["chunks"],
                                                    "met": p95 <= 50 and latency["chunks"] >= 100_000}
     if "scoring" in results:
-        largest = max((k for k in results["scoring"] if k.isdigit()), key=int)
-        rate = results["scoring"][largest]["windowed_tokens_per_s"]
-        found["scoring_500_tokens_per_s"] = {"tokens": int(largest), "tokens_per_s": rate, "met": rate >= 500}
+        scoring = results["scoring"]
+        largest = max((k for k in scoring if k.isdigit()), key=int)
+        rate = scoring[largest]["windowed_default_tokens_per_s"]
+        found["scoring_500_tokens_per_s"] = {"tokens": int(largest), "dtype": scoring["default_dtype"],
+                                             "tokens_per_s": rate, "met": rate >= 500}
     if not {"retrieval", "latency"} <= results.keys():
         return found
     retrieval, latency = results["retrieval"], results["latency"]
@@ -564,6 +627,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="fusion: the fusion comparison (no language model; about a minute); scoring: "
                              "Meta-Chunking scoring speed; latency: query latency at --latency-chunks")
     parser.add_argument("--scoring-tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--scoring-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="rag.scoring_dtype of the side-by-side scorer (auto: bfloat16 where native)")
     parser.add_argument("--out", help="default bench/results/rag.json (else rag_<sections>.json)")
     return parser.parse_args(argv)
 

@@ -2,19 +2,21 @@
 session opens an N-token document, three ways in one run on the real model:
 
 - alone: the stream with no session (its own gaps: the reference);
-- scheduled: the open as a KV job (engine/jobs.py, how the gateway runs it): its passes ride in the
-  engine's steps beside the stream, `engine.document_tokens` tokens per step, fewer late in the document
-  (`engine.document_key_rows`);
+- paced: the open as a KV job (engine/jobs.py, how the gateway runs it): its passes ride in the engine's
+  steps beside the stream, as many tokens per step as keep a step within `engine.document_step_ratio` x
+  the stream's step alone (jobs.DocumentPacer, measured step times), `engine.document_tokens` at most;
+- fixed-share: the same without pacing (ratio 0): `engine.document_tokens` tokens every step;
 - blocking: the same open run to its end as one call on the engine thread (how OpenSession ran before
   jobs): the stream gets no token until the open has finished.
 
 The gaps counted are those between tokens of one request that arrive while the open runs (and the first
-after it). Target (issue 16): the scheduled max gap <= 2x the stream's max gap alone. Should the stream's
+after it). Target (issue 16): the paced max gap <= 2x the stream's max gap alone. Should the stream's
 request end during the open, the wait of the next one for its first token is shown apart: it may queue
 behind a document-only step, which takes the whole token budget.
 
     python bench/session_stall.py                       # 8,000-token document, CPU, the bundled model
     python bench/session_stall.py --doc-tokens 2000     # quicker
+    python bench/session_stall.py --modes paced         # the default engine only
 Table on stdout, progress on stderr, JSON in bench/results/session_stall.json.
 """
 
@@ -35,12 +37,14 @@ import torch
 
 from longbow.services.config import EngineConfig, LongbowConfig, ModelSource, SessionsConfig
 from longbow.services.engine.engine import AsyncLLMEngine, LLMEngine
+from longbow.services.engine.jobs import DocumentPacer
 from longbow.services.engine.types import Request, SamplingParams
 from longbow.services.engine.weights import load_model, load_tokenizer
 from longbow.services.text.sessions import SessionManager
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_REQUEST_TOKENS = 4096  # tokens per request of the measured stream (see stream_tokens)
+MODES = ("paced", "fixed-share", "blocking")
 
 
 def log(message: str) -> None:
@@ -52,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc-tokens", type=int, default=8000, help="tokens of the document the session opens")
     p.add_argument("--document-tokens", type=int, default=0,
                    help="engine.document_tokens (document tokens per step beside requests); 0: engine default")
-    p.add_argument("--document-key-rows", type=int, default=0,
-                   help="engine.document_key_rows (rows x keys seen per step beside requests); 0: default")
+    p.add_argument("--document-step-ratio", type=float, default=EngineConfig.document_step_ratio,
+                   help="engine.document_step_ratio of the paced mode (a shared step's time / the step alone)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--alone-tokens", type=int, default=48, help="tokens of the stream measured alone")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "session_stall.json"))
@@ -111,12 +116,14 @@ async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, m
     stream = asyncio.create_task(stream_tokens(engine, prompt, arrivals, stop, limit))
     while len(arrivals) < 8:  # the stream is decoding steadily before the open starts
         await asyncio.sleep(0.005)
+    steps_before = await engine.call(lambda llm: llm.steps)
     start = time.perf_counter()
-    if mode == "scheduled":
-        session = await engine.run_job(manager.open_job(text))
-    else:  # the whole open inside one engine-thread call: the old OpenSession
+    if mode == "blocking":  # the whole open inside one engine-thread call: the old OpenSession
         session = await engine.call(lambda llm: _open_whole_budget(llm, manager, text))
+    else:
+        session = await engine.run_job(manager.open_job(text))
     end = time.perf_counter()
+    steps = await engine.call(lambda llm: llm.steps) - steps_before
     tokens_during = sum(1 for t, _ in arrivals if start < t <= end)
     while not [t for t, _ in arrivals if t > end]:
         await asyncio.sleep(0.005)
@@ -124,7 +131,7 @@ async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, m
     await stream
     await engine.call(lambda _engine: manager.close(session.session_id))
     gaps, boundaries = gaps_between(arrivals, start, end)
-    return {"open_s": end - start, "document_tokens": len(session.document.token_ids),
+    return {"open_s": end - start, "document_tokens": len(session.document.token_ids), "steps": steps,
             "stream_tokens_during_open": tokens_during, "max_gap_ms": 1e3 * max(gaps),
             "median_gap_ms": 1e3 * statistics.median(gaps), "gaps": len(gaps),
             "p99_gap_ms": 1e3 * (statistics.quantiles(gaps, n=100, method="inclusive")[98] if len(gaps) > 1
@@ -136,12 +143,11 @@ async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, m
 def _open_whole_budget(llm: LLMEngine, manager: SessionManager, text: str):
     """The old OpenSession: the document's passes take whole steps (the full token budget) until done,
     the stream's decodes riding along unseen (their tokens are held until the call returns)."""
-    shares = llm.document_tokens, llm.document_key_rows
-    llm.document_tokens, llm.document_key_rows = llm.scheduler.token_budget, 1 << 62
+    pacer, llm.pacer = llm.pacer, DocumentPacer(llm.scheduler.token_budget, ratio=0)
     try:
         return manager.open(text)
     finally:
-        llm.document_tokens, llm.document_key_rows = shares
+        llm.pacer = pacer
 
 
 async def run_alone(engine: AsyncLLMEngine, prompt: list[int], tokens: int) -> dict:
@@ -159,7 +165,7 @@ async def main_async(args) -> dict:
     loaded = load_model(ModelSource(device="cpu", dtype="float32"))
     tokenizer = load_tokenizer(loaded.checkpoint)
     config = LongbowConfig(engine=EngineConfig(document_tokens=args.document_tokens,
-                                               document_key_rows=args.document_key_rows),
+                                               document_step_ratio=args.document_step_ratio),
                            sessions=SessionsConfig(max_document_tokens=max(16384, args.doc_tokens)))
     llm = LLMEngine(config, loaded)
     engine = AsyncLLMEngine(llm)
@@ -167,16 +173,22 @@ async def main_async(args) -> dict:
     text = document_text(tokenizer, args.doc_tokens)
     prompt = tokenizer("Write a long story about a lighthouse keeper who", add_special_tokens=False).input_ids
     limit = 1_000_000  # the stream runs until the open has finished and one more token arrived
-    results = {"document_tokens_per_step": llm.document_tokens, "document_key_rows": llm.document_key_rows,
+    results = {"document_tokens_per_step": llm.pacer.max_rows, "document_step_ratio": llm.pacer.ratio,
                "token_budget": llm.scheduler.token_budget, "load_average_before": os.getloadavg()}
     try:
         log("warm-up: a short open and a short stream")
-        await run_open(engine, manager, text[:2000], "scheduled", prompt, limit)
+        await run_open(engine, manager, text[:2000], "paced", prompt, limit)
         log(f"stream alone ({args.alone_tokens} tokens)")
         results["alone"] = await run_alone(engine, prompt, args.alone_tokens)
-        for mode in ("scheduled", "blocking"):
+        for mode in args.modes:
             log(f"{mode}: opening a {args.doc_tokens}-token document beside the stream")
-            results[mode] = await run_open(engine, manager, text, mode, prompt, limit)
+            paced = llm.pacer
+            if mode == "fixed-share":
+                llm.pacer = DocumentPacer(paced.max_rows, ratio=0)
+            try:
+                results[mode] = await run_open(engine, manager, text, mode, prompt, limit)
+            finally:
+                llm.pacer = paced
             results[mode]["max_gap_vs_alone"] = results[mode]["max_gap_ms"] / results["alone"]["max_gap_ms"]
             limit_ms = 2 * results["alone"]["max_gap_ms"]
             results[mode]["gaps_over_2x_alone"] = sum(g > limit_ms for g in results[mode]["all_gaps_ms"])
@@ -188,14 +200,17 @@ async def main_async(args) -> dict:
 
 def table(results: dict) -> str:
     alone = results["alone"]
-    rows = ["| stream | open s | tokens during open | max gap ms | median gap ms | max gap / alone "
-            "| new-request waits ms |",
-            "|---|---|---|---|---|---|---|",
-            f"| alone | - | - | {alone['max_gap_ms']:.0f} | {alone['median_gap_ms']:.0f} | 1.00 | - |"]
-    for mode in ("scheduled", "blocking"):
+    rows = ["| stream | open s | steps | tokens during open | max gap ms | p99 gap ms | median gap ms "
+            "| max gap / alone | gaps > 2x alone | new-request waits ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| alone | - | - | - | {alone['max_gap_ms']:.0f} | - | {alone['median_gap_ms']:.0f} | 1.00 | - | - |"]
+    for mode in MODES:
+        if mode not in results:
+            continue
         r = results[mode]
-        rows.append(f"| {mode} open | {r['open_s']:.1f} | {r['stream_tokens_during_open']} | {r['max_gap_ms']:.0f} | "
-                    f"{r['median_gap_ms']:.0f} | {r['max_gap_vs_alone']:.2f} | "
+        rows.append(f"| {mode} open | {r['open_s']:.1f} | {r['steps']} | {r['stream_tokens_during_open']} | "
+                    f"{r['max_gap_ms']:.0f} | {r['p99_gap_ms']:.0f} | {r['median_gap_ms']:.0f} | "
+                    f"{r['max_gap_vs_alone']:.2f} | {r['gaps_over_2x_alone']} | "
                     f"{', '.join(f'{g:.0f}' for g in r['request_boundary_gaps_ms']) or 'none'} |")
     return "\n".join(rows)
 
@@ -207,9 +222,10 @@ def main(argv=None) -> None:
     results["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "machine": platform.machine(),
                               "load_average_after": os.getloadavg()}
-    print(f"document {results['scheduled']['document_tokens']} tokens; engine.document_tokens "
-          f"{results['document_tokens_per_step']} per step beside requests, at most "
-          f"{results['document_key_rows']} rows x keys (token budget {results['token_budget']})")
+    first = next(results[mode] for mode in MODES if mode in results)
+    print(f"document {first['document_tokens']} tokens; beside requests at most "
+          f"{results['document_tokens_per_step']} per step, paced to {results['document_step_ratio']}x the "
+          f"step alone (token budget {results['token_budget']})")
     print(table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,13 @@ def _embedded_lm(config):
     return EngineLM.from_config(config)
 
 
+def _scoring_lm(config):
+    """The ingest chunkers only score text: their engine runs in rag.scoring_dtype (bf16 where native)."""
+    from longbow.services.text.lm import EngineLM
+
+    return EngineLM.for_scoring(config)
+
+
 def _show_progress(progress) -> None:
     print(f"\ringest: {progress.documents_done}/{progress.documents_total} documents, "
           f"{progress.chunks_written} chunks, {progress.documents_unchanged} unchanged", end="", file=sys.stderr, flush=True)
@@ -144,7 +151,7 @@ def cmd_ingest(args) -> int:
             store_url, data_dir = _rag_location(config)
             from longbow.services.text.lm import load_token_spans
 
-            lm = _embedded_lm(config) if chunker in ("perplexity", "margin") else None
+            lm = _scoring_lm(config) if chunker in ("perplexity", "margin") else None
             # Chunk lengths in model tokens for every chunker, as the gateway counts them.
             progress = ingest_paths(args.paths, store_url=store_url, data_dir=data_dir, chunker=chunker,
                                     target_tokens=target, lm=lm, on_progress=_show_progress,

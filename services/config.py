@@ -28,6 +28,9 @@ class ModelSource:
     name_or_path: str = BUNDLED_MODEL
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda when available
+    # auto: float32 linear layers on CPU run oneDNN's kernel on weights it holds (model.PackedLinear:
+    # 1.5-3x faster with few rows per step), everything else torch's own; "torch": torch's everywhere.
+    linear_kernel: str = "auto"
 
 
 @dataclass
@@ -35,12 +38,13 @@ class EngineConfig:
     """One model replica. token_budget is SplitFuse's fixed tokens per forward pass."""
 
     token_budget: int = 0  # 0: by device, 512 on CPU and 2048 on a GPU (engine.default_token_budget)
-    # Tokens of document passes (edit sessions, engine/jobs.py) added to a step that also serves requests;
-    # a step with no request gives documents the whole token_budget. 0: token_budget // 16.
+    # Tokens of document passes (edit sessions, engine/jobs.py) added at most to a step that also serves
+    # requests; a step with no request gives documents the whole token_budget. 0: token_budget // 16.
     document_tokens: int = 0
-    # ... and at most document_key_rows // (keys the chunk sees) of them, so a step's attention work stays
-    # bounded late in a long document. 0: document_tokens x 1024 on CPU, x 16384 on a GPU.
-    document_key_rows: int = 0
+    # ... paced by measured step time (engine/jobs.py DocumentPacer): a step that carries documents beside
+    # requests takes at most this many times what the requests' step takes alone. 0: no pacing, always
+    # document_tokens.
+    document_step_ratio: float = 1.5
     block_size: int = 16
     num_blocks: int = 2048  # KV capacity = num_blocks * block_size tokens
     max_seqs: int = 64  # sequences per step
@@ -92,6 +96,11 @@ class RagConfig:
     default_chunker: str = "perplexity"  # fixed | sentence | perplexity | margin
     target_chunk_tokens: int = 128  # chunk length (model tokens) when a request leaves it 0
     perplexity_theta: float = 0.0  # Meta-Chunking: a neighbour must be this much higher (nats) to cut
+    # The dtype an embedded scorer (`longbow ingest`, bench/rag.py) builds its engine in, for the perplexity
+    # and margin chunkers: auto (bfloat16 where the device multiplies bf16 in hardware: CUDA, a CPU with
+    # AVX512-BF16 or AMX; else the model's dtype) | model (model.dtype) | float32 | bfloat16. The gateway
+    # scores on its serving engine, in model.dtype: one engine, one copy of the weights, one scheduler.
+    scoring_dtype: str = "auto"
     dense_index: str = "flat"  # flat (exact) | hnsw | ivf (large corpora)
     candidates: int = 50  # per retriever, before reciprocal rank fusion
     max_documents_per_request: int = 1000
@@ -175,6 +184,7 @@ _ENV_KEYS = {
     "LONGBOW_RAG_CHUNKER": ("rag", "default_chunker", str),
     "LONGBOW_RAG_TARGET_TOKENS": ("rag", "target_chunk_tokens", int),
     "LONGBOW_RAG_DENSE_INDEX": ("rag", "dense_index", str),
+    "LONGBOW_RAG_SCORING_DTYPE": ("rag", "scoring_dtype", str),
     "LONGBOW_SESSION_IDLE_S": ("sessions", "idle_timeout_s", float),
     "LONGBOW_CODE_ROOTS": ("code", "allowed_roots", lambda value: [p for p in value.split(os.pathsep) if p]),
 }

@@ -34,7 +34,7 @@ from longbow.services.engine.scheduler import blocks_for, make_scheduler
 from longbow.services.engine.types import FinishReason, Request, SamplingParams, TokenEvent
 from longbow.services.engine.weights import LoadedModel, load_model
 from longbow.services.engine.executor import Executor
-from longbow.services.engine.jobs import Job, JobHandle, KVJobs
+from longbow.services.engine.jobs import DocumentPacer, Job, JobHandle, KVJobs
 from longbow.services.engine.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,6 @@ def default_token_budget(device) -> int:
     """SplitFuse's tokens per forward pass when the config leaves it at 0: 512 on CPU, where a pass over
     more tokens only adds latency, and 2048 on a GPU, which needs wide passes to be busy."""
     return 2048 if torch.device(device).type == "cuda" else 512
-
-
-def default_keys_per_document_row(device) -> int:
-    """Keys a document row beside requests may see at the full `document_tokens` share (the rest of
-    `document_key_rows`): 1024 on CPU, where attending 32 rows over 8k keys takes longer than a short
-    decode step (bench/session_stall.py), 16384 on a GPU, where it does not."""
-    return 16384 if torch.device(device).type == "cuda" else 1024
 
 
 @dataclass
@@ -82,8 +75,8 @@ class LLMEngine:
     """Schedule -> execute -> update, one step at a time. The engine is the only caller of its executor
     (executor.py) and, through the scheduler's BlockPool, the only owner of KV blocks. Work on KV held
     outside requests (edit sessions' documents) arrives as KV jobs (jobs.py): their passes ride in the
-    same steps as requests, `document_tokens` of them per step while requests run (fewer late in a long
-    document: `document_key_rows`)."""
+    same steps as requests, as many tokens per step as keep the step within `document_step_ratio` x the
+    requests' time alone (jobs.DocumentPacer), `document_tokens` at most."""
 
     def __init__(self, config: LongbowConfig | None = None, loaded: LoadedModel | None = None,
                  executor: Executor | None = None):
@@ -107,9 +100,7 @@ class LLMEngine:
         )
         self.jobs = KVJobs(self.executor)
         budget = self.scheduler.token_budget
-        self.document_tokens = cfg.document_tokens or max(16, budget // 16)
-        keys_per_row = default_keys_per_document_row(self.loaded.device)
-        self.document_key_rows = cfg.document_key_rows or self.document_tokens * keys_per_row
+        self.pacer = DocumentPacer(cfg.document_tokens or max(16, budget // 16), cfg.document_step_ratio)
         self._held_events: list[TokenEvent] = []  # request events of steps a synchronous run_job took
         self._ids = itertools.count()
         self.steps = 0
@@ -156,18 +147,15 @@ class LLMEngine:
     def _step(self) -> list[TokenEvent]:
         plan = self.scheduler.plan()
         refused = self.scheduler.take_refused()  # KV held outside requests (sessions) that was not given back
-        # SplitFuse for documents: beside requests a bounded share, so a long document never stalls streams
-        # for more than a slightly longer step; alone, the whole budget.
-        # Beside requests the share is also bounded in attention work (rows x keys seen), which grows
-        # with the document: late in a long document a step carries fewer of its tokens.
-        if plan.chunks:
-            allowance, key_rows = self.document_tokens, self.document_key_rows
-        else:
-            allowance, key_rows = self.scheduler.token_budget, None
-        documents = self.jobs.chunks(allowance, key_rows) if self.jobs.has_work() else []
+        # SplitFuse for documents: beside requests a share paced by step time, so a long document never
+        # stalls streams for more than a somewhat longer step; alone, the whole budget.
+        mix = (len(plan.chunks), sum(len(c.token_ids) for c in plan.chunks))
+        allowance = self.pacer.rows(mix) if plan.chunks else self.scheduler.token_budget
+        documents = self.jobs.chunks(allowance) if allowance and self.jobs.has_work() else []
         if not plan.chunks and not documents:
             return refused
         full = dataclasses.replace(plan, chunks=plan.chunks + documents) if documents else plan
+        started = time.perf_counter()
         try:
             result = self.executor.execute(full)
         except EngineError as exc:
@@ -177,6 +165,8 @@ class LLMEngine:
             self.jobs.fail(documents, exc)
             raise
         self.steps += 1
+        if plan.chunks:
+            self.pacer.observe(mix, sum(len(c.token_ids) for c in documents), time.perf_counter() - started)
         events = self.scheduler.update(plan, result)
         self.jobs.complete(documents, result)
         return refused + events

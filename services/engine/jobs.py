@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
+import math
+import statistics
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,11 +101,9 @@ class KVJobs:
             self._start(handle)
         return handle
 
-    def chunks(self, allowance: int, key_rows: int | None = None) -> list[ScheduledChunk]:
+    def chunks(self, allowance: int) -> list[ScheduledChunk]:
         """Chunks of the waiting passes, oldest job first, `allowance` tokens at most (at least one token
-        when any pass waits, so documents always progress). With `key_rows`, a chunk also has at most
-        key_rows // (keys it sees) rows: its attention work, which grows with the document's length, stays
-        bounded, and so does the step's time."""
+        when any pass waits, so documents always progress)."""
         chunks, left = [], max(1, allowance)
         for handle in self.active:
             if left <= 0:
@@ -112,10 +112,7 @@ class KVJobs:
             if kv_pass is None or any(f.handle is handle for f in self._in_flight.values()):
                 continue
             start = handle.sent
-            rows = left
-            if key_rows is not None:
-                rows = min(left, max(1, key_rows // max(1, len(kv_pass.visible) + start)))
-            end = min(len(kv_pass.token_ids), start + rows)
+            end = min(len(kv_pass.token_ids), start + left)
             last = end == len(kv_pass.token_ids)
             chunk_id = f"kv-job{handle.ident}-{next(self._chunk_ids)}"
             seen = (*kv_pass.visible, *kv_pass.slots[:end])
@@ -218,3 +215,61 @@ def immediate(fn: Callable[..., Any], *args) -> Job:
     after the edits queued before it)."""
     return fn(*args)
     yield  # a generator function: the body runs when the engine starts the job  # noqa: unreachable
+
+
+class DocumentPacer:
+    """How many document tokens ride in a step beside requests: as many as keep the step within `ratio` x
+    the time the same requests take alone, so a long document never stalls streams by more than that.
+
+    Steps are timed by the engine. Steps of requests alone give the base time of their mix (chunk and
+    token counts; the median of the last few, as steps are noisy). Shared steps give the cost of a document
+    row: their time over the base, summed over the last `window` shared steps, divided by the rows they
+    carried (one step's noise divided by its one row would say nothing); it folds in the fixed cost of
+    reading the document's keys and follows the document as it grows. The next shared step gets the rows
+    that fit into (ratio - 1) x base at that cost: at least 1 (documents progress), at most `max_rows` and
+    twice the last step's rows (one lucky step does not open the gates). A mix with no base yet, and every
+    `probe_every`-th step, runs without documents to measure it; never two such steps in a row.
+    `ratio` 0: no pacing, `max_rows` every step."""
+
+    def __init__(self, max_rows: int, ratio: float, probe_every: int = 32, remembered: int = 5, window: int = 8):
+        if ratio and ratio <= 1.0:
+            raise ValueError(f"engine.document_step_ratio must be 0 (off) or above 1, got {ratio}")
+        self.max_rows, self.ratio, self.probe_every = max_rows, ratio, probe_every
+        self.remembered = remembered
+        self._alone: OrderedDict[tuple[int, int], deque[float]] = OrderedDict()  # mix -> recent step seconds
+        self._shared: deque[tuple[int, float]] = deque(maxlen=window)  # (rows, seconds over the base)
+        self._last_rows = 1
+        self._since_probe = 0
+
+    def rows(self, mix: tuple[int, int]) -> int:
+        """Document tokens for the next step, whose requests are `mix`; 0: measure the mix alone first."""
+        if not self.ratio:
+            return self.max_rows
+        base = self._base(mix)
+        if self._since_probe and (base is None or self._since_probe >= self.probe_every):
+            return 0
+        if base is None or not self._shared:
+            return 1
+        row_seconds = max(sum(extra for _, extra in self._shared), 1e-6) / sum(n for n, _ in self._shared)
+        fit = math.floor((self.ratio - 1.0) * base / row_seconds)
+        return max(1, min(fit, self.max_rows, 2 * self._last_rows))
+
+    def observe(self, mix: tuple[int, int], rows: int, seconds: float) -> None:
+        """A step with requests `mix` and `rows` document tokens took `seconds`."""
+        if not rows:
+            times = self._alone.pop(mix, None) or deque(maxlen=self.remembered)
+            times.append(seconds)
+            self._alone[mix] = times
+            while len(self._alone) > 64:
+                self._alone.popitem(last=False)
+            self._since_probe = 0
+            return
+        self._since_probe += 1
+        self._last_rows = rows
+        base = self._base(mix)
+        if base is not None:
+            self._shared.append((rows, seconds - base))
+
+    def _base(self, mix: tuple[int, int]) -> float | None:
+        times = self._alone.get(mix)
+        return statistics.median(times) if times else None

@@ -92,22 +92,20 @@ class LocalPagedAttention(AttentionBackend):
     # NOTE: batching decodes pads every row to the longest KV; past 2x padding overhead the per-request
     # calls on views of contiguous KV win on this CPU, so mixed lengths fall back.
     max_padding_ratio = 2.0
-    # NOTE: a prefill chunk's lower-right causal mask as a boolean tensor sends CPU SDPA down its general
-    # path; ringattn's block_attention runs the same chunk as full + square-causal pieces on the CPU flash
-    # kernel. Measured (fp32, 2 cores, ms per layer, mask vs pieces): 248 x 380 1.5x faster, 192 x 256 2.04
-    # vs 1.64, 64 x 512 1.46 vs 1.08, 32 x 1024 1.08 vs 0.98, 2 x 2048 0.97 vs 0.71, 32 x 8000 12.4 vs 6.3;
-    # the mask wins below those (8 x 1024 0.45 vs 0.58, 128 x 256 1.10 vs 1.21): the pieces' fixed cost.
-    min_flash_rows, min_flash_keys = 192, 1536  # either alone
-    min_flash_rows_and_keys = (64, 512)  # or both
+    # NOTE: a prefill chunk's lower-right causal mask goes to CPU SDPA as a boolean tensor, with 4-D
+    # inputs ([1, H, T, D]: 3-D ones measured 2-25x slower, GQA included); ringattn's block_attention runs
+    # the same chunk as full + square-causal pieces on the CPU flash kernel, which pays off only for big
+    # chunks over many keys. Measured (fp32, 2 cores, ms per layer, 4-D mask vs pieces): 2 x 2048 0.40 vs
+    # 0.69, 32 x 1024 0.64 vs 0.97, 248 x 380 1.77 vs 2.39, 512 x 2048 19.3 vs 21.3, 32 x 8000 5.96 vs 5.60;
+    # 128 x 16000 64.7 vs 52.3, 256 x 8000 43.3 vs 37.8, 512 x 4096 47.5 vs 40.6.
+    min_flash_rows, min_flash_keys = 128, 4096  # both
 
     def __init__(self, cache: PagedKVCache, n_layers: int):
         self.cache, self.last_layer = cache, n_layers - 1
 
     def _flash_pieces(self, n_rows: int, n_keys: int) -> bool:
         """Whether an in-order chunk of n_rows > 1 over n_keys keys runs faster as flash pieces (CPU)."""
-        rows, keys = self.min_flash_rows_and_keys
-        return (n_rows >= self.min_flash_rows or n_keys >= self.min_flash_keys
-                or (n_rows >= rows and n_keys >= keys))
+        return n_rows >= self.min_flash_rows and n_keys >= self.min_flash_keys
 
     def prepare(self, meta: LocalStepMeta) -> LocalStepMeta:
         """Once per step: store positions, and per request the causal mask and slot range all layers share."""
@@ -187,11 +185,11 @@ class LocalPagedAttention(AttentionBackend):
             elif not seg.batched:
                 # NOTE: torch's SDPA with enable_gqa keeps KV heads unexpanded; on this CPU it measured
                 # 1.6-2x faster than ringattn's einsum block_attention for 256-512-token chunks and no
-                # slower for decode. lse is not needed when all KV is local.
+                # slower for decode. lse is not needed when all KV is local. 4-D, as noted above.
                 out[seg.rows] = F.scaled_dot_product_attention(
-                    q[seg.rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                    q[seg.rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                     attn_mask=seg.visible, enable_gqa=True,
-                ).transpose(0, 1)
+                )[0].transpose(0, 1)
             if want_row:
                 last_visible = seg.visible[-1] if seg.visible is not None else torch.ones(
                     keys.shape[0], dtype=torch.bool, device=keys.device)

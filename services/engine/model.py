@@ -203,3 +203,35 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
         if bias is not None:
             fused.bias.copy_(bias)
     return fused
+
+
+class PackedLinear(nn.Module):
+    """A linear layer (CPU, fp32) whose weight is held by oneDNN and multiplied by its inner-product
+    kernel. With the few rows of a decode step, or a decode step with a document's rows beside it, that
+    kernel stays near the time of reading the weight, where MKL's sgemm (what nn.Linear calls) costs about
+    twice as much for two rows as for one on the AMD CPUs measured (docs/benchmarks.md, issue 16). The
+    same numbers up to summation order."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().contiguous().to_mkldnn(), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().contiguous().to_mkldnn()
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # a shard with no rows this step
+            return x.new_empty(0, self.out_features)
+        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
+
+
+def pack_linears(model: Transformer, lm_head: bool = False) -> Transformer:
+    """The block projections (after fuse_projections) as `PackedLinear`s; `lm_head` too when asked (it
+    is tied to the embedding in small checkpoints, so packing it keeps a second copy)."""
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        attn.qkv_proj, attn.o_proj = PackedLinear(attn.qkv_proj), PackedLinear(attn.o_proj)
+        mlp.gate_up_proj, mlp.down_proj = PackedLinear(mlp.gate_up_proj), PackedLinear(mlp.down_proj)
+    if lm_head:
+        model.lm_head = PackedLinear(model.lm_head)
+    return model

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from longbow.services.config import BUNDLED_MODEL, ModelSource, longbow_home
-from longbow.services.engine.model import ModelArgs, Transformer, fuse_projections
+from longbow.services.engine.model import ModelArgs, Transformer, fuse_projections, pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,16 @@ def load_model(source: ModelSource) -> LoadedModel:
         model.lm_head.weight = model.embed_tokens.weight
     model.register_buffer("inv_freq", _inv_freq(args), persistent=False)
     model = fuse_projections(model.to(device=device, dtype=dtype).eval())
+    if _packs_linears(source, device, dtype):
+        model = pack_linears(model, lm_head=True)
     return LoadedModel(model, args, checkpoint, device, dtype)
+
+
+def _packs_linears(source: ModelSource, device: torch.device, dtype: torch.dtype) -> bool:
+    if source.linear_kernel not in ("auto", "torch"):
+        raise WeightsError(f"model.linear_kernel must be auto or torch, got {source.linear_kernel!r}")
+    return (source.linear_kernel == "auto" and device.type == "cpu" and dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
 
 
 def _inv_freq(args: ModelArgs) -> torch.Tensor:
