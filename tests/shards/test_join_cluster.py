@@ -49,7 +49,11 @@ def ray_head():
                "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
                "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=100000000",
                "--disable-usage-stats", f"--temp-dir={temp_dir}", *(f"--{k}={v}" for k, v in ports.items())]
-    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=RAY_ENV,
+    # NOTE: the head's client proxy starts a server process per ray:// client and gives up when its channel
+    # is not ready within 30 s (Ray's default); late in the full suite on 2 loaded cores that start took
+    # longer once ("Starting Ray client server failed"), so the head waits up to 120 s.
+    env = {**RAY_ENV, "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
+    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
         for line in head.stdout:  # blocks until Ray reports it started (or the process ends)
