@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -143,11 +144,18 @@ async def run_open(engine: AsyncLLMEngine, manager: SessionManager, text: str, m
 def _open_whole_budget(llm: LLMEngine, manager: SessionManager, text: str):
     """The old OpenSession: the document's passes take whole steps (the full token budget) until done,
     the stream's decodes riding along unseen (their tokens are held until the call returns)."""
-    pacer, llm.pacer = llm.pacer, DocumentPacer(llm.scheduler.token_budget, ratio=0)
-    try:
+    with fixed_share(llm, llm.scheduler.token_budget):
         return manager.open(text)
+
+
+@contextlib.contextmanager
+def fixed_share(llm: LLMEngine, rows: int):
+    """The engine with an unpaced document share of `rows` tokens per step beside requests, then as it was."""
+    paced, llm.pacer = llm.pacer, DocumentPacer(rows, ratio=0)
+    try:
+        yield
     finally:
-        llm.pacer = pacer
+        llm.pacer = paced
 
 
 async def run_alone(engine: AsyncLLMEngine, prompt: list[int], tokens: int) -> dict:
@@ -182,13 +190,9 @@ async def main_async(args) -> dict:
         results["alone"] = await run_alone(engine, prompt, args.alone_tokens)
         for mode in args.modes:
             log(f"{mode}: opening a {args.doc_tokens}-token document beside the stream")
-            paced = llm.pacer
-            if mode == "fixed-share":
-                llm.pacer = DocumentPacer(paced.max_rows, ratio=0)
-            try:
+            share = fixed_share(llm, llm.pacer.max_rows) if mode == "fixed-share" else contextlib.nullcontext()
+            with share:
                 results[mode] = await run_open(engine, manager, text, mode, prompt, limit)
-            finally:
-                llm.pacer = paced
             results[mode]["max_gap_vs_alone"] = results[mode]["max_gap_ms"] / results["alone"]["max_gap_ms"]
             limit_ms = 2 * results["alone"]["max_gap_ms"]
             results[mode]["gaps_over_2x_alone"] = sum(g > limit_ms for g in results[mode]["all_gaps_ms"])

@@ -152,6 +152,7 @@ class LLMEngine:
         mix = (len(plan.chunks), sum(len(c.token_ids) for c in plan.chunks))
         allowance = self.pacer.rows(mix) if plan.chunks else self.scheduler.token_budget
         documents = self.jobs.chunks(allowance) if allowance and self.jobs.has_work() else []
+        document_rows = sum(len(c.token_ids) for c in documents)
         if not plan.chunks and not documents:
             return refused
         full = dataclasses.replace(plan, chunks=plan.chunks + documents) if documents else plan
@@ -166,7 +167,7 @@ class LLMEngine:
             raise
         self.steps += 1
         if plan.chunks:
-            self.pacer.observe(mix, sum(len(c.token_ids) for c in documents), time.perf_counter() - started)
+            self.pacer.observe(mix, document_rows, time.perf_counter() - started)
         events = self.scheduler.update(plan, result)
         self.jobs.complete(documents, result)
         return refused + events
