@@ -27,6 +27,7 @@ class PagedKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, Hkv, D]
         self.positions = torch.full((slots,), -1, dtype=torch.int64, device=device)  # [S]
+        self.version = 0  # bumped by every change to stored K/V other than a step's own writes
 
     def shift(self, slots: torch.Tensor, delta: int, inv_freq: torch.Tensor, rotate: bool = True) -> None:
         """PIE: move the tokens in `slots` by `delta` positions. Position ids always; keys re-rotated by
@@ -34,6 +35,7 @@ class PagedKVCache:
         if slots.numel() == 0 or delta == 0:
             return
         self.positions[slots] += delta
+        self.version += 1
         if rotate:
             keys = self.k[:, slots]  # [L, T, Hkv, D]
             moved = rotate_keys_by(keys.reshape(-1, *keys.shape[2:]), delta, inv_freq)  # [L*T, Hkv, D]
@@ -41,6 +43,7 @@ class PagedKVCache:
 
     def copy(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """K, V and position ids of `source` slots into `target` slots (a forked document)."""
+        self.version += 1
         for table in (self.k, self.v):
             table[:, target] = table[:, source]
         self.positions[target] = self.positions[source]
@@ -71,6 +74,26 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] rows of the step batch
     index: torch.Tensor  # [B, L] local slots (padding: slot 0)
     valid: torch.Tensor | None  # [B, 1, 1, L] bool; None when every row has L keys
+    mirror: "DecodeMirror | None" = None  # where the gathered KV is kept between steps (CPU)
+    append_at: torch.Tensor | None = None  # [B] each row's new key's column in the mirror; None: refill
+    ids: tuple[str, ...] = ()  # the rows' request ids
+    host_index: np.ndarray | None = None  # `index` on the host
+    lengths: np.ndarray | None = None  # [B] keys per row
+
+
+@dataclass
+class DecodeMirror:
+    """The decode batch's keys and values as gathered for the last step, kept for the next one: when the
+    next step decodes the same requests, each with one more key and nothing else it reads rewritten, only
+    the new column is written instead of gathering every key again (CPU)."""
+
+    ids: tuple[str, ...]
+    index: np.ndarray  # [B, L] host slots the mirror holds (padding 0)
+    lengths: np.ndarray  # [B]
+    k: torch.Tensor  # [n_layers, B, capacity, Hkv, D]
+    v: torch.Tensor
+    version: int  # the cache's version when filled
+    filled: bool = False  # every layer holds `index`'s keys (the step that filled it ran to the end)
 
 
 @dataclass
@@ -99,9 +122,14 @@ class LocalPagedAttention(AttentionBackend):
     # 0.69, 32 x 1024 0.64 vs 0.97, 248 x 380 1.77 vs 2.39, 512 x 2048 19.3 vs 21.3, 32 x 8000 5.96 vs 5.60;
     # 128 x 16000 64.7 vs 52.3, 256 x 8000 43.3 vs 37.8, 512 x 4096 47.5 vs 40.6.
     min_flash_rows, min_flash_keys = 128, 4096  # both
+    # NOTE: gathering a decode batch's KV was ~14% of a CPU decode step (8 requests x 420 keys: 8.8 of 61
+    # ms over 30 layers), the same bytes every step but one column; the mirror keeps them, at most half
+    # the cache's own memory again.
+    max_mirror_fraction = 0.5
 
     def __init__(self, cache: PagedKVCache, n_layers: int):
         self.cache, self.last_layer = cache, n_layers - 1
+        self.mirror: DecodeMirror | None = None
 
     def _flash_pieces(self, n_rows: int, n_keys: int) -> bool:
         """Whether an in-order chunk of n_rows > 1 over n_keys keys runs faster as flash pieces (CPU)."""
@@ -131,10 +159,13 @@ class LocalPagedAttention(AttentionBackend):
             if q_pos.numel() and k_pos.numel() and int(k_pos.max()) > int(q_pos.min()):
                 seg.visible = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [Tq, Tk]
         meta.decode_batch = self._decode_batch(decodes, meta.positions.device)
+        self._attach_mirror(meta)
         return meta
 
     def _decode_batch(self, decodes: list[Segment], device) -> DecodeBatch | None:
-        if len(decodes) < 2:
+        # One decode row is a batch of its own only where its keys are not a range (a view needs no
+        # gather) and the CPU mirror can keep them gathered.
+        if not decodes or (len(decodes) == 1 and (decodes[0].kv_range is not None or device.type != "cpu")):
             return None
         lengths = np.array([len(seg.host_kv_slots) for seg in decodes])
         longest = int(lengths.max())
@@ -148,7 +179,54 @@ class LocalPagedAttention(AttentionBackend):
         if (lengths != longest).any():
             valid = torch.from_numpy(np.arange(longest)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
         rows = torch.tensor([seg.rows.start for seg in decodes], dtype=torch.int64, device=device)
-        return DecodeBatch(rows, torch.from_numpy(index).to(device), valid)
+        return DecodeBatch(rows, torch.from_numpy(index).to(device), valid,
+                           ids=tuple(seg.request_id for seg in decodes), host_index=index, lengths=lengths)
+
+    def _attach_mirror(self, meta: LocalStepMeta) -> None:
+        """Keep (append to) or refill the decode mirror for this step's batch, or drop it."""
+        batch, previous, cache = meta.decode_batch, self.mirror, self.cache
+        self.mirror = None
+        if batch is None or cache.k.device.type != "cpu":
+            return
+        b, longest = batch.host_index.shape
+        if previous is not None and self._extends(previous, batch, meta):
+            mirror = previous
+            if longest > mirror.k.shape[2]:
+                mirror = self._new_mirror(batch, capacity=2 * longest)
+                if mirror is None:
+                    return
+                mirror.k[:, :, :previous.k.shape[2]] = previous.k
+                mirror.v[:, :, :previous.v.shape[2]] = previous.v
+            batch.append_at = torch.from_numpy(previous.lengths).to(cache.k.device)
+        else:
+            mirror = self._new_mirror(batch, capacity=longest + 64)
+            if mirror is None:
+                return
+        mirror.ids, mirror.index, mirror.lengths = batch.ids, batch.host_index, batch.lengths
+        mirror.version, mirror.filled = cache.version, False
+        batch.mirror = self.mirror = mirror
+
+    def _extends(self, mirror: DecodeMirror, batch: DecodeBatch, meta: LocalStepMeta) -> bool:
+        """Whether this batch is the mirror's requests with one new key each and every key the mirror
+        holds unchanged since (no shift or copy, no slot of it written by this step)."""
+        if not (mirror.filled and mirror.version == self.cache.version and mirror.ids == batch.ids
+                and np.array_equal(batch.lengths, mirror.lengths + 1)):
+            return False
+        old_len = mirror.index.shape[1]
+        held = np.arange(old_len)[None, :] < mirror.lengths[:, None]  # [B, L_old]
+        if not np.array_equal(batch.host_index[:, :old_len][held], mirror.index[held]):
+            return False
+        written = meta.slots.numpy()
+        return not np.isin(written, mirror.index[held]).any()
+
+    def _new_mirror(self, batch: DecodeBatch, capacity: int) -> DecodeMirror | None:
+        cache = self.cache
+        shape = (cache.k.shape[0], batch.host_index.shape[0], capacity, *cache.k.shape[2:])
+        if 2 * np.prod(shape) > self.max_mirror_fraction * 2 * cache.k.numel():
+            return None
+        # zeros: a padded row's unused columns must hold finite numbers (SDPA weighs them by 0, not skips)
+        return DecodeMirror((), batch.host_index, batch.lengths, torch.zeros(shape, dtype=cache.k.dtype),
+                            torch.zeros(shape, dtype=cache.v.dtype), cache.version)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: LocalStepMeta) -> None:
         """Write the step's new K/V [T, Hkv, D] into their slots."""
@@ -161,10 +239,7 @@ class LocalPagedAttention(AttentionBackend):
         out = torch.empty_like(q)  # [T, Hq, D]
         batch = meta.decode_batch
         if batch is not None:
-            # NOTE: index_select on the flat index measured ~5x faster than advanced indexing with [B, L].
-            flat, shape = batch.index.view(-1), (*batch.index.shape, *cache.k.shape[2:])
-            keys = cache.k[layer].index_select(0, flat).view(shape)  # [B, L, Hkv, D]
-            values = cache.v[layer].index_select(0, flat).view(shape)
+            keys, values = self._decode_keys(layer, k, v, batch)  # [B, L, Hkv, D]
             out[batch.rows] = _decode_attention(q[batch.rows], keys, values, batch.valid)
         for seg in meta.segments:
             want_row = seg.want_attention and layer == self.last_layer
@@ -194,6 +269,27 @@ class LocalPagedAttention(AttentionBackend):
                     keys.shape[0], dtype=torch.bool, device=keys.device)
                 meta.attention_rows[seg.request_id] = _last_row_attention(q[seg.rows][-1], keys, last_visible)
         return out
+
+    def _decode_keys(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch):
+        """The batch's keys and values [B, L, Hkv, D]: the mirror's, with this step's new ones written
+        in, or gathered from the cache (into the mirror when there is one)."""
+        cache, mirror = self.cache, batch.mirror
+        length = batch.index.shape[1]
+        if mirror is not None and batch.append_at is not None:
+            rows = torch.arange(len(batch.append_at))
+            mirror.k[layer, rows, batch.append_at] = k[batch.rows]
+            mirror.v[layer, rows, batch.append_at] = v[batch.rows]
+        else:
+            # NOTE: index_select on the flat index measured ~5x faster than advanced indexing with [B, L].
+            flat, shape = batch.index.view(-1), (*batch.index.shape, *cache.k.shape[2:])
+            keys = cache.k[layer].index_select(0, flat).view(shape)
+            values = cache.v[layer].index_select(0, flat).view(shape)
+            if mirror is None:
+                return keys, values
+            mirror.k[layer, :, :length], mirror.v[layer, :, :length] = keys, values
+        if layer == self.last_layer:
+            mirror.filled = True
+        return mirror.k[layer, :, :length], mirror.v[layer, :, :length]
 
 
 def _as_range(slots: np.ndarray) -> slice | None:

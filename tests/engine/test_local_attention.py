@@ -147,6 +147,57 @@ def test_decode_rows_equal_dense_attention_batched_or_not(lengths, batched):
     torch.testing.assert_close(row.double(), expected_row, atol=1e-6, rtol=1e-5)
 
 
+def test_decode_mirror_follows_the_batch_and_refills_when_its_keys_change():
+    """Decode steps of the same requests append one column to the kept KV (no gather); a shift, a step
+    that rewrites a slot the mirror holds, a finished request, or growth past its capacity refill or
+    regrow it. Every step's output equals dense attention over the cache's keys (fp64, 1e-5)."""
+    generator = torch.Generator().manual_seed(3)
+    cache = _cache(2048)
+    attention = LocalPagedAttention(cache, n_layers=1)
+    free = iter(torch.randperm(2040, generator=generator).tolist())
+    lists = {f"r{i}": [next(free) for _ in range(n)] for i, n in enumerate((20, 30, 25))}
+    for slots in lists.values():
+        _fill(cache, slots, range(len(slots)), generator)
+    kinds = []
+    for step in range(80):
+        if step == 9:
+            del lists["r2"]  # finished
+        if step == 4:
+            cache.shift(torch.tensor(lists["r0"][:3]), 0 + 1, torch.ones(D // 2))  # keys moved (PIE)
+        extra_slots, extra_positions, segments = [], [], []
+        for i, (name, slots) in enumerate(lists.items()):
+            slots.append(next(free))
+            segments.append(_segment(name, slice(i, i + 1), slots))
+        if step == 7:  # another pass rewrites a slot that r1 reads (and one of its own)
+            rewritten = [lists["r1"][5], next(free)]
+            extra_slots, extra_positions = rewritten, [100, 101]
+            segments.append(_segment("doc", slice(len(lists), len(lists) + 2), rewritten, in_order=False))
+        rows = len(lists) + len(extra_slots)
+        meta = LocalStepMeta(
+            slots=torch.tensor([slots[-1] for slots in lists.values()] + extra_slots),
+            positions=torch.tensor([len(slots) - 1 for slots in lists.values()] + extra_positions),
+            segments=segments, attention_rows={})
+        q = torch.randn(rows, H_Q, D, generator=generator)
+        k_new = torch.randn(rows, H_KV, D, generator=generator)
+        v_new = torch.randn(rows, H_KV, D, generator=generator)
+        meta = attention.prepare(meta)
+        batch = meta.decode_batch
+        assert batch.mirror is not None
+        kinds.append("append" if batch.append_at is not None else "refill")
+        capacity = batch.mirror.k.shape[2]
+        out = attention.attend(0, q, k_new, v_new, meta)
+        for i, seg in enumerate(meta.segments[:len(lists)]):
+            keys, values = cache.k[0, seg.kv_slots], cache.v[0, seg.kv_slots]
+            torch.testing.assert_close(out[i:i + 1].double(), _reference(q[i:i + 1], keys, values),
+                                       atol=1e-5, rtol=1e-5)
+        if step == 74:
+            grown = capacity
+    assert kinds[:4] == ["refill", "append", "append", "append"]
+    assert kinds[4] == kinds[7] == kinds[9] == "refill"  # shift, a held slot rewritten, a request gone
+    assert kinds.count("refill") == 4
+    assert grown > 39 + 64  # appended past the refill's capacity (longest 39 + 64): regrown, not refilled
+
+
 def test_re_positioned_keys_are_masked_by_position_not_order():
     """After PIE edits a request's keys are not in position order: visibility is key_pos <= query_pos."""
     generator = torch.Generator().manual_seed(5)
